@@ -1,0 +1,1 @@
+"""Over-the-air model updates: an explicit state table, atomic persistence, model slots."""

@@ -1,0 +1,50 @@
+"""The persisted update record: written atomically (temp, fsync, rename) before each side effect."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from edge_agent.ota.states import State
+
+
+class UpdateRecord(BaseModel):
+    update_id: str = ""
+    version: int = 0
+    state: State = State.IDLE
+    bundle_url: str = ""
+    bundle_sha256: str = ""
+    bundle_size: int = 0
+    mode: str = "shadow_then_switch"
+    shadow_frames: int = 50
+    from_version: int | None = None
+    reason: str = ""
+    entries: dict[str, int] = Field(default_factory=dict)
+
+
+def save_record(path: Path, record: UpdateRecord) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(record.model_dump_json(indent=2))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_record(path: Path) -> UpdateRecord:
+    if not path.exists():
+        return UpdateRecord()
+    try:
+        return UpdateRecord.model_validate(json.loads(path.read_text()))
+    except (ValueError, OSError):
+        # A record we cannot read must not brick the device: start clean, the active model stays.
+        return UpdateRecord(reason="unreadable update record was reset")

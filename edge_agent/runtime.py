@@ -1,0 +1,281 @@
+"""The agent's main loop: frames → active model → result, with shadow, sample collection,
+heartbeats and OTA steps interleaved between frames so the line is never kept waiting."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import httpx
+import structlog
+
+from edge_agent import AGENT_VERSION
+from edge_agent.collector import SampleCollector, truths_of
+from edge_agent.inference import create_detector
+from edge_agent.mqtt_client import AgentMqtt
+from edge_agent.ota.slots import ModelSlots
+from edge_agent.ota.states import Event, State
+from edge_agent.ota.updater import Updater
+from edge_agent.settings import AgentSettings
+from edge_agent.shadow import ShadowItem, ShadowRunner
+from edge_agent.sources import open_source
+from edge_agent.spool import Spool
+from edge_agent.stats import LatencyWindow
+from edge_agent.uploader import Uploader
+from firmware_bundles import TrustStore
+from protocol.messages import (
+    AbortCommand,
+    DeployCommand,
+    Hardware,
+    Heartbeat,
+    PromoteCommand,
+    RollbackCommand,
+    SamplingConfigCommand,
+    ShadowReport,
+    StatusMessage,
+)
+
+log = structlog.get_logger(__name__)
+
+
+def detect_hardware() -> Hardware:
+    try:
+        import onnxruntime
+
+        providers = onnxruntime.get_available_providers()
+    except ImportError:
+        providers = []
+    return Hardware(cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count() or 0,
+                    onnxruntime_providers=providers)
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.device_id = settings.device_id
+        data = settings.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+        self.hardware = detect_hardware()
+        self.http = httpx.Client(base_url=settings.api_url, timeout=30,
+                                 headers={"Authorization": f"Bearer {settings.api_token.get_secret_value()}"})
+        self.mqtt = AgentMqtt(self.device_id, settings.mqtt_host, settings.mqtt_port,
+                              settings.mqtt_password.get_secret_value(),
+                              str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None)
+        self.spool = Spool(data / "spool", settings.spool_max_bytes)
+        self.uploader = Uploader(self.spool, self.http, self.device_id, self.mqtt)
+        self.collector = SampleCollector(
+            self.spool, corrections=settings.collect_corrections, low_confidence=settings.collect_low_confidence,
+            low_band=settings.low_confidence_band, random_rate=settings.random_rate,
+            max_per_hour=settings.max_samples_per_hour, jpeg_quality=settings.jpeg_quality)
+        if settings.trusted_keys is None:
+            raise ValueError("trusted_keys is required: bundles are only installed when their signature verifies")
+        self.slots = ModelSlots(data / "models")
+        self.updater = Updater(self.device_id, data, self.slots, TrustStore.from_path(settings.trusted_keys),
+                               httpx.Client(timeout=60), self.mqtt.publish, settings.max_bundle_bytes,
+                               settings.keep_versions)
+        self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ota")
+        self._bg_future: Future | None = None
+        self.detector = None
+        self.active_version: int | None = None
+        self.shadow: ShadowRunner | None = None
+        self.shadow_detector = None
+        self.latency = LatencyWindow()
+        self.frames = 0
+        self._frames_at_last_beat = 0
+        self._last_beat = time.monotonic()
+
+    # ------------------------------------------------------------------ models
+
+    def _load(self, version: int):
+        detector = create_detector(self.slots.model_path(version), self.settings.detector)
+        detector.load()
+        detector.health_check()
+        return detector
+
+    def _load_active(self) -> None:
+        version = self.slots.active()
+        if version is None:
+            return
+        try:
+            self.detector = self._load(version)
+            self.active_version = version
+        except Exception as exc:
+            log.error("agent.active_model_broken", version=version, error=str(exc))
+            previous = self.slots.previous()
+            if previous is not None and previous != version:
+                self.slots.set_active(previous)
+                self.detector, self.active_version = self._load(previous), previous
+
+    def status(self) -> StatusMessage:
+        return StatusMessage(device_id=self.device_id, state="online", agent_version=AGENT_VERSION,
+                             active_version=self.active_version, candidate_version=self.slots.candidate(),
+                             hardware=self.hardware)
+
+    # ------------------------------------------------------------------ OTA between frames
+
+    def _handle_command(self, command) -> None:
+        if isinstance(command, DeployCommand):
+            self.updater.begin(command)
+        elif isinstance(command, AbortCommand) and command.version == self.updater.record.version:
+            if self.updater.state in {State.DOWNLOADING, State.VERIFYING, State.STAGED, State.SHADOWING}:
+                self._end_shadow()
+                self.updater.discard_candidate()
+                self.updater.transition(Event.ABORT, command.reason or "aborted by the server")
+        elif isinstance(command, PromoteCommand) and self.updater.state is State.SHADOWING:
+            self._end_shadow()
+            self.updater.transition(Event.SHADOW_PASSED, "promoted by the server")
+        elif isinstance(command, RollbackCommand):
+            log.warning("agent.rollback_not_supported_yet", command=command.command_id)
+        elif isinstance(command, SamplingConfigCommand):
+            log.info("agent.sampling_config", config=command.model_dump(exclude_none=True))
+
+    def _end_shadow(self) -> None:
+        if self.shadow is not None:
+            self.shadow.close()
+            self.shadow = None
+        if self.shadow_detector is not None:
+            self.shadow_detector.close()
+            self.shadow_detector = None
+
+    def _step_update(self) -> None:
+        state = self.updater.state
+        if state in {State.DOWNLOADING, State.VERIFYING}:
+            if self.updater.resume_count_exceeded():
+                self.updater.transition(Event.DOWNLOAD_FAILED if state is State.DOWNLOADING
+                                        else Event.VERIFY_FAILED, "gave up after repeated interruptions")
+            elif self._bg_future is None or self._bg_future.done():
+                self._bg_future = self._bg.submit(self.updater.fetch)
+        elif state is State.STAGED:
+            if self.updater.record.mode == "direct" or self.detector is None:
+                self.updater.transition(Event.PROMOTE, "direct install" if self.detector is not None
+                                        else "no active model to compare against")
+            else:
+                try:
+                    self.shadow_detector = self._load(self.updater.record.version)
+                except Exception as exc:
+                    self.updater.discard_candidate()
+                    self.updater.transition(Event.ABORT, f"candidate failed its health check: {exc}")
+                    return
+                self.shadow = ShadowRunner(self.shadow_detector, self.updater.record.shadow_frames,
+                                           self.settings.shadow_queue)
+                self.updater.transition(Event.START_SHADOW, f"shadowing {self.updater.record.shadow_frames} frames")
+        elif state is State.SHADOWING:
+            if self.shadow is None:  # resumed after a restart: the window starts again
+                try:
+                    self.shadow_detector = self._load(self.updater.record.version)
+                    self.shadow = ShadowRunner(self.shadow_detector, self.updater.record.shadow_frames,
+                                               self.settings.shadow_queue)
+                except Exception as exc:
+                    self.updater.discard_candidate()
+                    self.updater.transition(Event.SHADOW_FAILED, f"candidate failed to load: {exc}")
+                return
+            if self.shadow.done.is_set():
+                self._finish_shadow()
+        elif state is State.PROMOTING:
+            self._switch()
+
+    def _finish_shadow(self) -> None:
+        report = self.shadow.report()
+        rec = self.updater.record
+        self.mqtt.publish(ShadowReport(device_id=self.device_id, update_id=rec.update_id,
+                                       active_version=self.active_version, candidate_version=rec.version,
+                                       window=0, **report))
+        self._end_shadow()
+        if report["errors"] > self.settings.shadow_max_errors:
+            self.updater.discard_candidate()
+            self.updater.transition(Event.SHADOW_FAILED, f"{report['errors']} candidate errors in shadow")
+            return
+        self.updater.transition(Event.SHADOW_PASSED, _describe(report))
+
+    def _switch(self) -> None:
+        version = self.updater.record.version
+        try:
+            new = self._load(version)
+        except Exception as exc:
+            self.updater.discard_candidate()
+            self.updater.transition(Event.SWITCH_FAILED, f"new model failed its health check: {exc}")
+            return
+        old = self.detector
+        self.detector, self.active_version = new, version  # between two frames, no restart
+        self.updater.switch()
+        if old is not None:
+            old.close()
+        self.mqtt.update_status(self.status())
+
+    # ------------------------------------------------------------------ loop
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_beat < self.settings.heartbeat_seconds:
+            return
+        fps = (self.frames - self._frames_at_last_beat) / (now - self._last_beat)
+        self._last_beat, self._frames_at_last_beat = now, self.frames
+        self.mqtt.publish(Heartbeat(
+            device_id=self.device_id, fps=round(fps, 2), latency_ms_p50=self.latency.percentile(50) or 0.0,
+            latency_ms_p99=self.latency.percentile(99) or 0.0, frames_total=self.frames,
+            samples_sent=self.uploader.sent, spool_depth=self.spool.depth(),
+            disk_free_bytes=shutil.disk_usage(self.settings.data_dir).free,
+            active_version=self.active_version, candidate_version=self.slots.candidate()))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        self._load_active()
+        self.mqtt.start(self.status())
+        self.uploader.start()
+        source = iter(open_source(self.settings.source, loop=self.settings.loop_source))
+        min_interval = 1.0 / self.settings.max_fps if self.settings.max_fps else 0.0
+        log.info("agent.started", device=self.device_id, active=self.active_version, state=self.updater.state)
+        try:
+            while not self._stop.is_set():
+                if self.mqtt.auth_failed.is_set():
+                    log.error("agent.auth_failed", hint="broker refused this device's credentials; not retrying")
+                    break
+                t0 = time.monotonic()
+                while not self.mqtt.commands.empty():
+                    self._handle_command(self.mqtt.commands.get_nowait())
+                self._step_update()
+                self._heartbeat()
+                if self.detector is None:
+                    self._stop.wait(0.2)  # nothing to serve until a model is installed
+                    continue
+                try:
+                    frame = next(source)
+                except StopIteration:
+                    break
+                result = self.detector.infer(frame.image)
+                self.frames += 1
+                self.latency.add(result.latency_ms)
+                detections = list(result.detections)
+                if self.shadow is not None:
+                    self.shadow.offer(ShadowItem(frame.image, detections, result.latency_ms, truths_of(frame)))
+                self.collector.consider(frame, detections, self.active_version)
+                if self.settings.max_frames and self.frames >= self.settings.max_frames:
+                    break
+                spare = min_interval - (time.monotonic() - t0)
+                if spare > 0:
+                    self._stop.wait(spare)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._end_shadow()
+        self.uploader.stop()
+        self.mqtt.stop()
+        self._bg.shutdown(wait=False, cancel_futures=True)
+        self.spool.close()
+
+
+def _describe(report: dict) -> str:
+    parts = [f"{report['frames_compared']} frames", f"{report['frames_dropped']} dropped"]
+    if report["agreement"] is not None:
+        parts.append(f"agreement {report['agreement']:.2f}")
+    if report["candidate_accuracy"] is not None:
+        parts.append(f"accuracy {report['active_accuracy']:.2f} -> {report['candidate_accuracy']:.2f}")
+    return ", ".join(parts)

@@ -1,0 +1,66 @@
+"""Agent settings (env prefix EDGELOOP_AGENT_), built in ``main()`` and passed down."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_AGENT_", extra="ignore")
+
+    device_id: str = ""
+    # JSON written by `edgeloop devices add --out`: device_id, api_token, mqtt_username, mqtt_password.
+    credentials_file: Path | None = None
+    data_dir: Path = Path(".edgeloop/agent")
+    api_url: str = "http://127.0.0.1:8000"
+    api_token: SecretStr = SecretStr("")
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_password: SecretStr = SecretStr("")
+    mqtt_tls_ca: Path | None = None
+    # Public key file, or a folder of *pub*.pem files, that bundles must be signed by.
+    trusted_keys: Path | None = None
+
+    # "folder:/path/to/images" (labels beside images stand in for QA corrections), a video
+    # file, an rtsp:// or http:// stream, or a camera index.
+    source: str = ""
+    loop_source: bool = True
+    max_fps: float = Field(0.0, ge=0, description="0 = as fast as inference allows")
+    max_frames: int = Field(0, ge=0, description="stop after this many frames; 0 = run forever")
+
+    detector: dict[str, Any] = Field(default_factory=lambda: {"type": "onnxruntime", "intra_op_threads": 1})
+
+    # Sample collection.
+    collect_corrections: bool = True
+    low_confidence_band: tuple[float, float] = (0.25, 0.4)
+    collect_low_confidence: bool = False
+    random_rate: float = Field(0.0, ge=0, le=1)
+    max_samples_per_hour: int = Field(5000, ge=0)
+    jpeg_quality: int = Field(92, ge=50, le=100)
+    spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
+
+    # OTA.
+    max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    keep_versions: int = Field(3, ge=1)
+    shadow_queue: int = Field(8, ge=1)
+    shadow_max_errors: int = Field(0, ge=0)
+
+    heartbeat_seconds: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _load_credentials(self) -> AgentSettings:
+        if self.credentials_file is not None:
+            creds = json.loads(Path(self.credentials_file).read_text())
+            self.device_id = self.device_id or creds["device_id"]
+            if not self.api_token.get_secret_value():
+                self.api_token = SecretStr(creds["api_token"])
+            if not self.mqtt_password.get_secret_value():
+                self.mqtt_password = SecretStr(creds["mqtt_password"])
+        if not self.device_id:
+            raise ValueError("device_id is required (EDGELOOP_AGENT_DEVICE_ID or a credentials file)")
+        return self

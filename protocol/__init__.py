@@ -1,0 +1,66 @@
+"""edgeloop's wire formats: MQTT topics, message schemas and HTTP payloads shared by server and agent.
+
+Nothing outside this package writes a topic string or declares a payload shape.
+"""
+
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    AbortCommand,
+    Box,
+    Command,
+    DeployCommand,
+    DeviceMessage,
+    DriftReport,
+    Heartbeat,
+    PromoteCommand,
+    ProtocolError,
+    RollbackCommand,
+    SampleEvent,
+    SamplingConfigCommand,
+    ShadowReport,
+    StatusMessage,
+    UpdateEvent,
+    decode_message,
+    encode_message,
+)
+from protocol.topics import (
+    TOPIC_ROOT,
+    Channel,
+    TopicSpec,
+    acl_patterns,
+    device_topic,
+    parse_device_topic,
+    server_subscriptions,
+    topic_spec,
+    validate_device_id,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "TOPIC_ROOT",
+    "AbortCommand",
+    "Box",
+    "Channel",
+    "Command",
+    "DeployCommand",
+    "DeviceMessage",
+    "DriftReport",
+    "Heartbeat",
+    "PromoteCommand",
+    "ProtocolError",
+    "RollbackCommand",
+    "SampleEvent",
+    "SamplingConfigCommand",
+    "ShadowReport",
+    "StatusMessage",
+    "TopicSpec",
+    "UpdateEvent",
+    "acl_patterns",
+    "decode_message",
+    "device_topic",
+    "encode_message",
+    "parse_device_topic",
+    "server_subscriptions",
+    "topic_spec",
+    "validate_device_id",
+]

@@ -1,0 +1,102 @@
+"""MQTT topic layout: one builder, one parser, and the QoS/retain of every channel.
+
+Topic root: ``edgeloop/v1/devices/{device_id}/{channel}``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+TOPIC_ROOT = "edgeloop/v1/devices"
+
+# Device ids double as broker user names and object-key prefixes: keep them to a
+# conservative alphabet so they can never inject MQTT wildcards or path segments.
+_DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class Channel(StrEnum):
+    STATUS = "status"
+    HEARTBEAT = "heartbeat"
+    SAMPLES = "samples"
+    SHADOW = "shadow"
+    UPDATE = "update"
+    DRIFT = "drift"
+    COMMANDS = "commands"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    channel: Channel
+    qos: int
+    retain: bool
+    # "device" channels are published by the device, "server" ones by the server.
+    publisher: str
+
+
+_SPECS: dict[Channel, TopicSpec] = {
+    Channel.STATUS: TopicSpec(Channel.STATUS, qos=1, retain=True, publisher="device"),
+    Channel.HEARTBEAT: TopicSpec(Channel.HEARTBEAT, qos=0, retain=False, publisher="device"),
+    Channel.SAMPLES: TopicSpec(Channel.SAMPLES, qos=1, retain=False, publisher="device"),
+    Channel.SHADOW: TopicSpec(Channel.SHADOW, qos=1, retain=False, publisher="device"),
+    Channel.UPDATE: TopicSpec(Channel.UPDATE, qos=1, retain=False, publisher="device"),
+    Channel.DRIFT: TopicSpec(Channel.DRIFT, qos=1, retain=False, publisher="device"),
+    Channel.COMMANDS: TopicSpec(Channel.COMMANDS, qos=1, retain=False, publisher="server"),
+}
+
+
+class TopicError(ValueError):
+    """A topic or device id that does not follow the layout."""
+
+
+def validate_device_id(device_id: str) -> str:
+    if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
+        raise TopicError(
+            f"invalid device id {device_id!r}: use 1-63 characters of a-z, 0-9, '-' and '_', "
+            "starting with a letter or digit"
+        )
+    return device_id
+
+
+def topic_spec(channel: Channel | str) -> TopicSpec:
+    return _SPECS[Channel(channel)]
+
+
+def device_topic(device_id: str, channel: Channel | str) -> str:
+    return f"{TOPIC_ROOT}/{validate_device_id(device_id)}/{Channel(channel).value}"
+
+
+def parse_device_topic(topic: str) -> tuple[str, Channel]:
+    prefix = TOPIC_ROOT + "/"
+    if not topic.startswith(prefix):
+        raise TopicError(f"topic {topic!r} is outside {TOPIC_ROOT}/")
+    parts = topic[len(prefix) :].split("/")
+    if len(parts) != 2:
+        raise TopicError(f"topic {topic!r} is not {TOPIC_ROOT}/<device>/<channel>")
+    device_id, channel = parts
+    validate_device_id(device_id)
+    try:
+        return device_id, Channel(channel)
+    except ValueError:
+        raise TopicError(f"topic {topic!r} names unknown channel {channel!r}") from None
+
+
+def server_subscriptions() -> list[tuple[str, int]]:
+    """(filter, qos) pairs the server subscribes to: every device-published channel."""
+    return [
+        (f"{TOPIC_ROOT}/+/{spec.channel.value}", spec.qos)
+        for spec in _SPECS.values()
+        if spec.publisher == "device"
+    ]
+
+
+def acl_patterns() -> list[str]:
+    """Mosquitto ACL ``pattern`` lines for devices: each device writes only its own
+    device channels and reads only its own commands. ``%u`` is the broker user name,
+    which the broker also forces as client id (``use_username_as_clientid``)."""
+    lines = []
+    for spec in _SPECS.values():
+        access = "write" if spec.publisher == "device" else "read"
+        lines.append(f"pattern {access} {TOPIC_ROOT}/%u/{spec.channel.value}")
+    return lines

@@ -1,0 +1,301 @@
+"""The JSON API under /api/v1."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile, status
+from sqlalchemy import func, select
+
+from protocol.api import API_PREFIX, UploadGrant, UploadRequest
+from server import audit, registry
+from server.api.deps import client_address, get_context, get_principal, require
+from server.api.schemas import DeployRequest, DeviceCreate, DeviceCredentials, RetrainRequest
+from server.auth import Principal, Role, issue_token, revoke_tokens
+from server.context import ServerContext
+from server.db.models import Deployment, Device, ModelVersion, Sample, TrainingJob
+from server.deploy import DeployError, deploy_version
+from server.ingest import pending_labeled_samples
+
+router = APIRouter(prefix=API_PREFIX)
+
+MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
+
+
+def _device_dict(d: Device) -> dict:
+    return {
+        "id": d.id, "online": d.online, "last_seen": d.last_seen, "agent_version": d.agent_version,
+        "active_version": d.active_version, "candidate_version": d.candidate_version,
+        "update_state": d.update_state, "hardware": d.hardware, "heartbeat": d.last_heartbeat,
+        "revoked": d.revoked,
+    }
+
+
+def _model_dict(m: ModelVersion, aliases: dict[int, list[str]]) -> dict:
+    return {
+        "version": m.version, "name": m.name, "status": m.status, "aliases": aliases.get(m.version, []),
+        "created_at": m.created_at, "parent_version": m.parent_version, "snapshot_id": m.snapshot_id,
+        "job_id": m.job_id, "metrics": m.metrics, "gate": m.gate, "hyperparameters": m.hyperparameters,
+        "class_names": m.class_names, "imgsz": m.imgsz, "bundle_sha256": m.bundle_sha256,
+        "bundle_size": m.bundle_size, "reason": m.reason,
+    }
+
+
+def _job_dict(j: TrainingJob) -> dict:
+    return {
+        "id": j.id, "trigger": j.trigger, "reason": j.reason, "requested_by": j.requested_by,
+        "status": j.status, "stage": j.stage, "stages": j.stages, "progress": j.progress,
+        "coalesced": j.coalesced, "snapshot_id": j.snapshot_id, "candidate_version": j.candidate_version,
+        "created_at": j.created_at, "started_at": j.started_at, "finished_at": j.finished_at,
+        "result": j.result, "log": j.log[-4000:],
+    }
+
+
+# ---------------------------------------------------------------------- devices
+
+
+@router.post("/devices", response_model=DeviceCredentials, status_code=201)
+def provision_device(
+    body: DeviceCreate, request: Request, ctx: ServerContext = Depends(get_context),
+    who: Principal = Depends(require(Role.ADMIN)),
+) -> DeviceCredentials:
+    """Create (or re-key) a device: an API token and broker credentials, shown once."""
+    if ctx.accounts is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, "broker account management is not configured "
+                            "(set EDGELOOP_MQTT_PASSWORD_FILE)")
+    password = secrets.token_urlsafe(24)
+    ctx.accounts.set_password(body.device_id, password)
+    with ctx.sessions() as session:
+        device = session.get(Device, body.device_id)
+        if device is None:
+            session.add(Device(id=body.device_id))
+        else:
+            device.revoked = False
+            revoke_tokens(session, body.device_id, Role.DEVICE)
+        token = issue_token(session, Role.DEVICE, body.device_id)
+        audit.record(session, who.subject, "device.provision", body.device_id, client_address(request))
+        session.commit()
+    return DeviceCredentials(device_id=body.device_id, api_token=token,
+                             mqtt_username=body.device_id, mqtt_password=password)
+
+
+@router.delete("/devices/{device_id}", status_code=204)
+def revoke_device(device_id: str, request: Request, ctx: ServerContext = Depends(get_context),
+                  who: Principal = Depends(require(Role.ADMIN))) -> None:
+    with ctx.sessions() as session:
+        device = session.get(Device, device_id)
+        if device is None:
+            raise HTTPException(404, f"unknown device {device_id!r}")
+        device.revoked = True
+        revoke_tokens(session, device_id, Role.DEVICE)
+        audit.record(session, who.subject, "device.revoke", device_id, client_address(request))
+        session.commit()
+    if ctx.accounts is not None:
+        ctx.accounts.remove(device_id)
+
+
+@router.get("/devices")
+def list_devices(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
+                 limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+    with ctx.sessions() as session:
+        total = session.scalar(select(func.count()).select_from(Device))
+        rows = session.scalars(select(Device).order_by(Device.id).limit(limit).offset(offset)).all()
+        return {"total": total, "items": [_device_dict(d) for d in rows]}
+
+
+@router.post("/devices/{device_id}/uploads", response_model=UploadGrant)
+def grant_upload(device_id: str, body: UploadRequest, ctx: ServerContext = Depends(get_context),
+                 who: Principal = Depends(get_principal)) -> UploadGrant:
+    """A presigned PUT for one collected frame, under the device's own prefix."""
+    if not who.is_device(device_id):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "only the device itself may request its uploads")
+    if body.size_bytes > ctx.settings.max_sample_bytes:
+        raise HTTPException(413, f"sample of {body.size_bytes} bytes is over the "
+                                 f"{ctx.settings.max_sample_bytes}-byte limit")
+    ext = "png" if body.content_type == "image/png" else "jpg"
+    key = f"images/{device_id}/{body.sha256[:2]}/{body.sha256}.{ext}"
+    expires = timedelta(minutes=15)
+    url = ctx.store.presigned_put(key, expires)
+    return UploadGrant(object_key=key, url=url, expires_at=datetime.now(UTC) + expires,
+                       headers={"Content-Type": body.content_type})
+
+
+# ---------------------------------------------------------------------- models
+
+
+@router.get("/models")
+def list_models(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
+                limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+    with ctx.sessions() as session:
+        aliases = registry.aliases_of(session)
+        total = session.scalar(select(func.count()).select_from(ModelVersion))
+        rows = session.scalars(
+            select(ModelVersion).order_by(ModelVersion.version.desc()).limit(limit).offset(offset)).all()
+        return {"total": total, "items": [_model_dict(m, aliases) for m in rows]}
+
+
+@router.get("/models/{version}")
+def get_model(version: int, ctx: ServerContext = Depends(get_context),
+              _: Principal = Depends(require(Role.VIEWER))) -> dict:
+    with ctx.sessions() as session:
+        m = session.get(ModelVersion, version)
+        if m is None:
+            raise HTTPException(404, f"model version {version} does not exist")
+        return _model_dict(m, registry.aliases_of(session))
+
+
+async def _save_upload(upload: UploadFile, dest: Path) -> Path:
+    size = 0
+    with dest.open("wb") as out:
+        while chunk := await upload.read(1 << 20):
+            size += len(chunk)
+            if size > MAX_ARTIFACT_BYTES:
+                raise HTTPException(413, f"{upload.filename} is over {MAX_ARTIFACT_BYTES} bytes")
+            out.write(chunk)
+    return dest
+
+
+@router.post("/models", status_code=201)
+async def register_model(
+    request: Request,
+    weights: UploadFile = File(..., description="Ultralytics .pt weights"),
+    onnx: UploadFile = File(..., description="the ONNX export that ships"),
+    metrics: str = Form("{}", description="JSON: {eval set: {map50, map50_95, ...}}"),
+    hyperparameters: str = Form("{}"),
+    imgsz: int = Form(..., ge=32, le=1280),
+    ctx: ServerContext = Depends(get_context),
+    who: Principal = Depends(require(Role.ENGINEER)),
+) -> dict:
+    """Register an externally trained model (e.g. the seed) and make it production."""
+    try:
+        metrics_obj, hyper_obj = json.loads(metrics), json.loads(hyperparameters)
+    except json.JSONDecodeError as exc:
+        raise HTTPException(422, f"metrics/hyperparameters are not JSON: {exc}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        pt = await _save_upload(weights, Path(tmp) / "model.pt")
+        onnx_path = await _save_upload(onnx, Path(tmp) / "model.onnx")
+        version = ctx.publisher.register_external(
+            pt=pt, onnx=onnx_path, imgsz=imgsz, metrics=metrics_obj, hyperparameters=hyper_obj,
+            actor=who.subject, source=client_address(request), work_dir=Path(tmp),
+        )
+    return {"version": version}
+
+
+# ---------------------------------------------------------------------- pipeline
+
+
+@router.post("/retrain", status_code=202)
+def retrain(body: RetrainRequest, request: Request, ctx: ServerContext = Depends(get_context),
+            who: Principal = Depends(require(Role.ENGINEER))) -> dict:
+    job = ctx.scheduler.request("manual", body.reason, who.subject)
+    with ctx.sessions() as session:
+        audit.record(session, who.subject, "retrain.request", f"job:{job.id}", client_address(request),
+                     reason=body.reason)
+        session.commit()
+        return _job_dict(session.get(TrainingJob, job.id))
+
+
+@router.get("/jobs")
+def list_jobs(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
+              limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0)) -> dict:
+    with ctx.sessions() as session:
+        total = session.scalar(select(func.count()).select_from(TrainingJob))
+        rows = session.scalars(select(TrainingJob).order_by(TrainingJob.id.desc()).limit(limit).offset(offset))
+        return {"total": total, "items": [_job_dict(j) for j in rows]}
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: int, ctx: ServerContext = Depends(get_context),
+            _: Principal = Depends(require(Role.VIEWER))) -> dict:
+    with ctx.sessions() as session:
+        job = session.get(TrainingJob, job_id)
+        if job is None:
+            raise HTTPException(404, f"job {job_id} does not exist")
+        return _job_dict(job)
+
+
+@router.get("/samples")
+def list_samples(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
+                 status_: str | None = Query(None, alias="status"), limit: int = Query(50, ge=1, le=500),
+                 offset: int = Query(0, ge=0)) -> dict:
+    with ctx.sessions() as session:
+        query = select(Sample)
+        if status_:
+            query = query.where(Sample.status == status_)
+        total = session.scalar(select(func.count()).select_from(query.subquery()))
+        rows = session.scalars(query.order_by(Sample.received_at.desc()).limit(limit).offset(offset))
+        return {"total": total, "items": [
+            {"id": s.id, "device_id": s.device_id, "status": s.status, "reject_reason": s.reject_reason,
+             "reason": s.reason, "object_key": s.object_key, "received_at": s.received_at,
+             "snapshot_id": s.snapshot_id} for s in rows]}
+
+
+# ---------------------------------------------------------------------- deployments
+
+
+@router.post("/deployments", status_code=202)
+def create_deployment(body: DeployRequest, request: Request, ctx: ServerContext = Depends(get_context),
+                      who: Principal = Depends(require(Role.OPERATOR))) -> dict:
+    if ctx.bus is None:
+        raise HTTPException(503, "the server is not connected to the MQTT broker")
+    with ctx.sessions() as session:
+        version = body.version
+        if version == "production":
+            prod = registry.production(session)
+            if prod is None:
+                raise HTTPException(409, "there is no production model to deploy")
+            version = prod.version
+        try:
+            sent = deploy_version(
+                session, ctx.store, ctx.bus, version, body.devices, mode=body.mode,
+                shadow_frames=body.shadow_frames or ctx.settings.shadow_frames,
+                presign_seconds=ctx.settings.presign_seconds, actor=who.subject,
+            )
+        except DeployError as exc:
+            raise HTTPException(409, str(exc)) from None
+        audit.record(session, who.subject, "deployment.create", f"version:{version}", client_address(request))
+        session.commit()
+        return {"version": version, "devices": [d.device_id for d in sent],
+                "commands": [d.command_id for d in sent]}
+
+
+@router.get("/deployments")
+def list_deployments(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
+                     limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+    with ctx.sessions() as session:
+        total = session.scalar(select(func.count()).select_from(Deployment))
+        rows = session.scalars(select(Deployment).order_by(Deployment.id.desc()).limit(limit).offset(offset))
+        return {"total": total, "items": [
+            {"id": d.id, "device_id": d.device_id, "version": d.version, "mode": d.mode, "state": d.state,
+             "reason": d.reason, "shadow": d.shadow, "created_at": d.created_at, "updated_at": d.updated_at}
+            for d in rows]}
+
+
+# ---------------------------------------------------------------------- overview
+
+
+def overview(ctx: ServerContext) -> dict:
+    with ctx.sessions() as session:
+        aliases = registry.aliases_of(session)
+        devices = session.scalars(select(Device).order_by(Device.id)).all()
+        models = session.scalars(select(ModelVersion).order_by(ModelVersion.version.desc()).limit(20)).all()
+        jobs = session.scalars(select(TrainingJob).order_by(TrainingJob.id.desc()).limit(5)).all()
+        counts = dict(session.execute(select(Sample.status, func.count()).group_by(Sample.status)).all())
+        prod = registry.production(session)
+        return {
+            "devices": [_device_dict(d) for d in devices],
+            "samples": {"pending": pending_labeled_samples(session), "threshold": ctx.settings.retrain_threshold,
+                        "by_status": counts},
+            "production_version": prod.version if prod else None,
+            "models": [_model_dict(m, aliases) for m in models],
+            "jobs": [_job_dict(j) for j in jobs],
+        }
+
+
+@router.get("/overview")
+def get_overview(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER))) -> dict:
+    return overview(ctx)

@@ -1,0 +1,111 @@
+"""``create_app(settings)``: the FastAPI application with its background services."""
+
+from __future__ import annotations
+
+import os
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select
+
+from server import metrics
+from server.context import ServerContext
+from server.settings import ServerSettings
+
+log = structlog.get_logger(__name__)
+
+
+def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> ServerContext:
+    from server.broker_accounts import BrokerAccounts
+    from server.db.session import make_engine, make_session_factory, upgrade_schema
+    from server.ingest import IngestService
+    from server.mqtt_bus import MqttBus
+    from server.objectstore import ObjectStore
+    from server.pipeline.executor import LocalSubprocessExecutor
+    from server.pipeline.runner import RetrainRunner
+    from server.pipeline.trigger import RetrainScheduler
+    from server.publish import ModelPublisher, ensure_signing_key
+    from server.sample_validation import ImageLimits
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url())
+    upgrade_schema(engine)
+    sessions = make_session_factory(engine)
+    store = ObjectStore(
+        settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key.get_secret_value(),
+        secure=settings.s3_secure, region=settings.s3_region, bucket=settings.s3_bucket,
+    )
+    store.ensure_bucket()
+    key = ensure_signing_key(settings.signing_key or settings.data_dir / "keys" / "signing-key.pem")
+    publisher = ModelPublisher(sessions, store, key, settings.model_name, settings.class_names)
+    accounts = (BrokerAccounts(settings.mqtt_password_file, settings.mqtt_broker_pid_file)
+                if settings.mqtt_password_file else None)
+
+    ctx = ServerContext(settings=settings, engine=engine, sessions=sessions, store=store, bus=None,
+                        accounts=accounts, publisher=publisher, scheduler=None, ingest=None)
+
+    def on_promoted(version: int) -> None:
+        if settings.auto_deploy and ctx.bus is not None:
+            from server.deploy import deploy_version
+
+            with sessions() as session:
+                deploy_version(session, store, ctx.bus, version, None, mode="shadow_then_switch",
+                               shadow_frames=settings.shadow_frames, presign_seconds=settings.presign_seconds,
+                               actor="auto-deploy")
+
+    runner = RetrainRunner(settings, sessions, store, LocalSubprocessExecutor(
+        timeout_seconds=settings.training.timeout_seconds), publisher, on_promoted)
+    ctx.scheduler = RetrainScheduler(sessions, runner.run)
+    ctx.ingest = IngestService(
+        sessions, store, settings.class_names,
+        ImageLimits(max_bytes=settings.max_sample_bytes, max_side=settings.max_image_side),
+        settings.retrain_threshold,
+        on_threshold=lambda n: ctx.scheduler.request("threshold", f"{n} validated samples", "ingest"),
+    )
+    if connect_mqtt:
+        ctx.bus = MqttBus(settings.mqtt_host, settings.mqtt_port, settings.mqtt_username,
+                          settings.mqtt_password.get_secret_value(), f"edgeloop-server-{os.getpid()}",
+                          ctx.ingest.handle, str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None)
+    return ctx
+
+
+def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAPI:
+    from server.api.routes import router
+    from server.dashboard import router as dashboard_router
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ctx = build_context(settings, connect_mqtt=connect_mqtt)
+        app.state.ctx = ctx
+        if ctx.bus is not None:
+            ctx.bus.start()
+        ctx.scheduler.start()
+        log.info("server.started", url=settings.resolved_public_url(), db=settings.resolved_database_url())
+        yield
+        ctx.scheduler.stop()
+        if ctx.bus is not None:
+            ctx.bus.stop()
+        ctx.engine.dispose()
+
+    app = FastAPI(title="edgeloop", version="0.1.0", lifespan=lifespan,
+                  description="Continuous delivery of object detectors to factory edge devices.")
+    app.include_router(router)
+    app.include_router(dashboard_router)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        from server.db.models import Device
+
+        with app.state.ctx.sessions() as session:
+            metrics.DEVICES_ONLINE.set(
+                session.scalar(select(func.count()).select_from(Device).where(Device.online.is_(True))) or 0)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

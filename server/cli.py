@@ -1,0 +1,171 @@
+"""Server-side commands: ``edgeloop server``, and API clients for engineers and operators
+(``retrain``, ``deploy``, ``devices``, ``models``, ``jobs``). Heavy imports stay inside commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer()
+devices_app = typer.Typer(help="Enroll, list and revoke devices.", no_args_is_help=True)
+models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
+app.add_typer(models_app, name="models")
+console = Console()
+
+API_URL = typer.Option(os.environ.get("EDGELOOP_API_URL", "http://127.0.0.1:8000"), "--api-url",
+                       help="Server URL (env EDGELOOP_API_URL).")
+TOKEN = typer.Option(os.environ.get("EDGELOOP_TOKEN", ""), "--token",
+                     help="API token (env EDGELOOP_TOKEN).", show_default=False)
+
+
+def _client(api_url: str, token: str):
+    import httpx
+
+    if not token:
+        console.print("[red]error:[/] no API token: pass --token or set EDGELOOP_TOKEN")
+        raise typer.Exit(2)
+    return httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+
+def _call(api_url: str, token: str, method: str, path: str, **kwargs) -> dict:
+    import httpx
+
+    try:
+        with _client(api_url, token) as client:
+            response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error:[/] cannot reach {api_url}: {exc}")
+        raise typer.Exit(1) from None
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail")
+        except ValueError:
+            detail = response.text
+        console.print(f"[red]error:[/] {response.status_code}: {detail}")
+        raise typer.Exit(1)
+    return response.json() if response.content else {}
+
+
+@app.command("server")
+def serve(
+    host: str = typer.Option(None, help="Bind address (env EDGELOOP_HOST)."),
+    port: int = typer.Option(None, help="Port (env EDGELOOP_PORT)."),
+) -> None:
+    """Run the API, dashboard, MQTT ingest and retrain worker."""
+    try:
+        import uvicorn
+
+        from server.app import create_app
+        from server.logging import configure_logging
+        from server.settings import ServerSettings
+    except ModuleNotFoundError as exc:
+        console.print(f"[red]error:[/] {exc.name} is missing: install the server extra, "
+                      "`pip install 'edgeloop[server,training]'`")
+        raise typer.Exit(2) from None
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = ServerSettings(**overrides)
+    configure_logging()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+
+
+@app.command("retrain")
+def retrain(
+    reason: str = typer.Option(..., "--reason", "-r", help="Why (kept in the job record and audit log)."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job with a progress bar until it ends."),
+    api_url: str = API_URL, token: str = TOKEN,
+) -> None:
+    """Ask the server for a retrain now (engineer role)."""
+    job = _call(api_url, token, "POST", "/api/v1/retrain", json={"reason": reason})
+    console.print(f"job #{job['id']} {job['status']} (trigger manual)")
+    if wait:
+        job = follow_job(api_url, token, job["id"])
+        console.print(f"job #{job['id']} {job['status']}: {json.dumps(job.get('stages', {}))}")
+        if job["status"] not in {"succeeded"}:
+            raise typer.Exit(1)
+
+
+def follow_job(api_url: str, token: str, job_id: int) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task(f"job #{job_id}", total=None, detail="queued")
+        while True:
+            job = _call(api_url, token, "GET", f"/api/v1/jobs/{job_id}")
+            epochs = job.get("progress", {}).get("epochs")
+            progress.update(task, total=epochs, completed=job.get("progress", {}).get("epoch", 0),
+                            detail=f"{job['status']} {job.get('stage') or ''}")
+            if job["status"] in {"succeeded", "rejected", "failed"}:
+                return job
+            time.sleep(1)
+
+
+@app.command("deploy")
+def deploy(
+    version: str = typer.Argument("production", help="Registry version number, or 'production'."),
+    device: list[str] = typer.Option(None, "--device", "-d", help="Target device (repeatable); default all."),
+    direct: bool = typer.Option(False, "--direct", help="Switch without shadowing first."),
+    shadow_frames: int = typer.Option(None, help="Frames to shadow before switching."),
+    api_url: str = API_URL, token: str = TOKEN,
+) -> None:
+    """Send a deploy command for a model version over MQTT (operator role)."""
+    body = {"version": version if version == "production" else int(version), "devices": device or None,
+            "mode": "direct" if direct else "shadow_then_switch", "shadow_frames": shadow_frames}
+    result = _call(api_url, token, "POST", "/api/v1/deployments", json=body)
+    console.print(f"version {result['version']} sent to {len(result['devices'])} device(s): "
+                  f"{', '.join(result['devices'])}")
+
+
+@devices_app.command("add")
+def devices_add(device_id: str, api_url: str = API_URL, token: str = TOKEN,
+                out: str = typer.Option(None, help="Write the credentials JSON here (0600).")) -> None:
+    """Enroll a device; prints its credentials once (admin role)."""
+    creds = _call(api_url, token, "POST", "/api/v1/devices", json={"device_id": device_id})
+    if out:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(creds, fh, indent=2)
+        console.print(f"credentials for {device_id} written to {out}")
+    else:
+        sys.stdout.write(json.dumps(creds, indent=2) + "\n")
+
+
+@devices_app.command("list")
+def devices_list(api_url: str = API_URL, token: str = TOKEN) -> None:
+    data = _call(api_url, token, "GET", "/api/v1/devices")
+    table = Table("device", "online", "active", "candidate", "state", "last seen")
+    for d in data["items"]:
+        table.add_row(d["id"], "yes" if d["online"] else "no", str(d["active_version"] or "–"),
+                      str(d["candidate_version"] or "–"), d["update_state"] or "–", str(d["last_seen"] or "never"))
+    console.print(table)
+
+
+@devices_app.command("revoke")
+def devices_revoke(device_id: str, api_url: str = API_URL, token: str = TOKEN) -> None:
+    _call(api_url, token, "DELETE", f"/api/v1/devices/{device_id}")
+    console.print(f"{device_id} revoked")
+
+
+@models_app.command("list")
+def models_list(api_url: str = API_URL, token: str = TOKEN) -> None:
+    data = _call(api_url, token, "GET", "/api/v1/models")
+    table = Table("version", "status", "aliases", "golden mAP50", "golden mAP50-95", "parent", "snapshot")
+    for m in data["items"]:
+        g = m["metrics"].get("golden", {})
+        table.add_row(str(m["version"]), m["status"], ",".join(m["aliases"]),
+                      f"{g.get('map50', float('nan')):.3f}", f"{g.get('map50_95', float('nan')):.3f}",
+                      str(m["parent_version"] or "–"), (m["snapshot_id"] or "–")[:12])
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(version: int, api_url: str = API_URL, token: str = TOKEN) -> None:
+    """Full record of one version: metrics, gate decision, lineage, hyperparameters."""
+    sys.stdout.write(json.dumps(_call(api_url, token, "GET", f"/api/v1/models/{version}"), indent=2) + "\n")

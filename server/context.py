@@ -1,0 +1,23 @@
+"""Everything a request or background worker needs, built once by ``create_app(settings)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.settings import ServerSettings
+
+
+@dataclass
+class ServerContext:
+    settings: ServerSettings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: object  # server.objectstore.ObjectStore
+    bus: object | None  # server.mqtt_bus.MqttBus
+    accounts: object | None  # server.broker_accounts.BrokerAccounts
+    publisher: object  # server.publish.ModelPublisher
+    scheduler: object  # server.pipeline.trigger.RetrainScheduler
+    ingest: object  # server.ingest.IngestService

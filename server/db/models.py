@@ -1,0 +1,178 @@
+"""Database schema (SQLAlchemy 2). Alembic migrations in server/migrations mirror it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime}
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime | None] = mapped_column(default=None)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    agent_version: Mapped[str] = mapped_column(String(32), default="")
+    active_version: Mapped[int | None] = mapped_column(default=None)
+    candidate_version: Mapped[int | None] = mapped_column(default=None)
+    update_state: Mapped[str] = mapped_column(String(32), default="")
+    hardware: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    last_heartbeat: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    subject: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Sample(Base):
+    __tablename__ = "samples"
+    __table_args__ = (Index("ix_samples_status_snapshot", "status", "snapshot_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the device's idempotency key
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    object_key: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(32))
+    model_version: Mapped[int | None] = mapped_column(default=None)
+    labels: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
+    predictions: Mapped[list[Any]] = mapped_column(default=list)
+    captured_at: Mapped[datetime] = mapped_column(default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # validated | unlabeled | rejected
+    status: Mapped[str] = mapped_column(String(16))
+    reject_reason: Mapped[str] = mapped_column(Text, default="")
+    snapshot_id: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+class Snapshot(Base):
+    __tablename__ = "snapshots"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the manifest
+    parent_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sample_count: Mapped[int] = mapped_column(Integer)
+    manifest_key: Mapped[str] = mapped_column(String(512))
+    devices: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class TrainingJob(Base):
+    __tablename__ = "training_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    trigger: Mapped[str] = mapped_column(String(16))  # threshold | manual | drift
+    reason: Mapped[str] = mapped_column(Text, default="")
+    requested_by: Mapped[str] = mapped_column(String(128), default="")
+    # queued | running | succeeded | rejected | failed
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    stage: Mapped[str] = mapped_column(String(32), default="")
+    stages: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    log: Mapped[str] = mapped_column(Text, default="")
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    coalesced: Mapped[int] = mapped_column(Integer, default=0)
+    snapshot_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    candidate_version: Mapped[int | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    # production | candidate | rejected | archived
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    parent_version: Mapped[int | None] = mapped_column(default=None)
+    snapshot_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("training_jobs.id"), default=None)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    gate: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    class_names: Mapped[list[Any]] = mapped_column(default=list)
+    imgsz: Mapped[int] = mapped_column(Integer, default=160)
+    pt_key: Mapped[str] = mapped_column(String(512), default="")
+    onnx_key: Mapped[str] = mapped_column(String(512), default="")
+    bundle_key: Mapped[str] = mapped_column(String(512), default="")
+    bundle_sha256: Mapped[str] = mapped_column(String(64), default="")
+    bundle_size: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class Alias(Base):
+    __tablename__ = "aliases"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)  # production | candidate | previous
+    version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    command_id: Mapped[str] = mapped_column(String(64), unique=True)
+    mode: Mapped[str] = mapped_column(String(32))
+    # sent | <agent OTA state> ...
+    state: Mapped[str] = mapped_column(String(32), default="sent")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    shadow: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    source: Mapped[str] = mapped_column(String(64), default="")

@@ -1,0 +1,183 @@
+"""Turns device messages into database state: samples (validated or rejected with a reason),
+device status and heartbeats, OTA transitions and shadow reports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from protocol import ProtocolError, decode_message
+from protocol.messages import Heartbeat, SampleEvent, ShadowReport, StatusMessage, UpdateEvent
+from server import metrics
+from server.db.models import Deployment, Device, Sample, utcnow
+from server.sample_validation import ImageLimits, SampleRejected, check_image, check_labels, check_object_key
+
+log = structlog.get_logger(__name__)
+
+ACTIVE_STATE = "ACTIVE"
+
+
+def pending_labeled_samples(session: Session) -> int:
+    """Validated, labeled samples not yet in a dataset snapshot: what the retrain threshold counts."""
+    return session.scalar(
+        select(func.count()).select_from(Sample).where(Sample.status == "validated", Sample.snapshot_id.is_(None))
+    ) or 0
+
+
+class IngestService:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        store,
+        class_names: list[str],
+        limits: ImageLimits,
+        threshold: int,
+        on_threshold: Callable[[int], None],
+    ) -> None:
+        self._sessions = session_factory
+        self._store = store
+        self._class_names = list(class_names)
+        self._limits = limits
+        self._threshold = threshold
+        self._on_threshold = on_threshold
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        try:
+            message = decode_message(topic, payload)
+        except ProtocolError as exc:
+            metrics.MESSAGES_REJECTED.labels(reason="protocol").inc()
+            log.warning("ingest.bad_message", topic=topic, error=str(exc))
+            return
+        metrics.MESSAGES_RECEIVED.labels(type=message.type).inc()
+        if isinstance(message, SampleEvent):
+            self.ingest_sample(message)
+        elif isinstance(message, StatusMessage):
+            self._on_status(message)
+        elif isinstance(message, Heartbeat):
+            self._on_heartbeat(message)
+        elif isinstance(message, UpdateEvent):
+            self._on_update(message)
+        elif isinstance(message, ShadowReport):
+            self._on_shadow(message)
+
+    # ------------------------------------------------------------------ samples
+
+    def ingest_sample(self, event: SampleEvent) -> Sample:
+        with self._sessions() as session:
+            existing = session.get(Sample, event.sample_id)
+            if existing is not None:
+                return existing  # QoS 1 redelivery or an agent retry: idempotent
+            status, reason = "validated" if event.labels is not None else "unlabeled", ""
+            try:
+                self._validate(session, event)
+            except SampleRejected as exc:
+                status, reason = "rejected", str(exc)
+            sample = Sample(
+                id=event.sample_id,
+                device_id=event.device_id,
+                object_key=event.object_key,
+                sha256=event.sha256,
+                size_bytes=event.size_bytes,
+                width=event.width,
+                height=event.height,
+                reason=event.reason.value,
+                model_version=event.model_version,
+                labels=[b.model_dump() for b in event.labels] if event.labels is not None else None,
+                predictions=[b.model_dump() for b in event.predictions],
+                captured_at=event.captured_at,
+                status=status,
+                reject_reason=reason,
+            )
+            session.add(sample)
+            session.commit()
+            pending = pending_labeled_samples(session)
+        metrics.SAMPLES.labels(status=status).inc()
+        if status == "rejected":
+            log.info("ingest.sample_rejected", device=event.device_id, sample=event.sample_id, reason=reason)
+        metrics.PENDING_SAMPLES.set(pending)
+        if status == "validated" and pending >= self._threshold:
+            self._on_threshold(pending)
+        return sample
+
+    def _validate(self, session: Session, event: SampleEvent) -> None:
+        device = session.get(Device, event.device_id)
+        if device is None or device.revoked:
+            raise SampleRejected(f"unknown or revoked device {event.device_id!r}")
+        check_object_key(event)
+        check_labels(event.labels, self._class_names)
+        stat = self._store.stat(event.object_key)
+        if stat is None:
+            raise SampleRejected(f"object {event.object_key!r} does not exist in the object store")
+        size = stat[0]
+        if size > self._limits.max_bytes:
+            raise SampleRejected(f"object is {size} bytes, over the {self._limits.max_bytes}-byte limit")
+        data = self._store.get_bytes(event.object_key, max_bytes=self._limits.max_bytes)
+        check_image(data, event, self._limits)
+
+    # ------------------------------------------------------------------ device state
+
+    def _device(self, session: Session, device_id: str) -> Device | None:
+        device = session.get(Device, device_id)
+        if device is None:
+            log.warning("ingest.unknown_device", device=device_id)
+        return device
+
+    def _on_status(self, message: StatusMessage) -> None:
+        with self._sessions() as session:
+            device = self._device(session, message.device_id)
+            if device is None:
+                return
+            device.online = message.state == "online"
+            device.last_seen = utcnow()
+            if message.state == "online":
+                device.agent_version = message.agent_version
+                device.active_version = message.active_version
+                device.candidate_version = message.candidate_version
+                if message.hardware is not None:
+                    device.hardware = message.hardware.model_dump()
+            session.commit()
+
+    def _on_heartbeat(self, message: Heartbeat) -> None:
+        with self._sessions() as session:
+            device = self._device(session, message.device_id)
+            if device is None:
+                return
+            device.last_seen = utcnow()
+            device.online = True
+            device.active_version = message.active_version
+            device.candidate_version = message.candidate_version
+            device.last_heartbeat = message.model_dump(mode="json", exclude={"v", "type", "device_id", "msg_id"})
+            session.commit()
+
+    def _on_update(self, message: UpdateEvent) -> None:
+        with self._sessions() as session:
+            device = self._device(session, message.device_id)
+            if device is None:
+                return
+            device.update_state = message.to_state
+            device.last_seen = utcnow()
+            if message.active_version is not None:
+                device.active_version = message.active_version
+            deployment = session.scalar(select(Deployment).where(Deployment.command_id == message.update_id))
+            if deployment is not None and deployment.device_id == message.device_id:
+                deployment.state = message.to_state
+                deployment.reason = message.reason
+                deployment.updated_at = utcnow()
+            session.commit()
+        log.info(
+            "ingest.update", device=message.device_id, version=message.version,
+            transition=f"{message.from_state}->{message.to_state}", reason=message.reason,
+        )
+
+    def _on_shadow(self, message: ShadowReport) -> None:
+        with self._sessions() as session:
+            deployment = session.scalar(select(Deployment).where(Deployment.command_id == message.update_id))
+            if deployment is None or deployment.device_id != message.device_id:
+                log.warning("ingest.shadow_without_deployment", device=message.device_id)
+                return
+            deployment.shadow = message.model_dump(mode="json", exclude={"v", "type", "device_id", "msg_id"})
+            deployment.updated_at = utcnow()
+            session.commit()

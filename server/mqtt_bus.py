@@ -1,0 +1,87 @@
+"""The server's MQTT connection: subscribes to every device channel, publishes commands."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from protocol import Channel, device_topic, encode_message, server_subscriptions, topic_spec
+
+log = structlog.get_logger(__name__)
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class MqttBus:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        username: str,
+        password: str,
+        client_id: str,
+        handler: MessageHandler,
+        tls_ca: str | None = None,
+    ) -> None:
+        self._handler = handler
+        self._connected = threading.Event()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, reconnect_on_failure=True
+        )
+        self._client.username_pw_set(username, password)
+        if tls_ca:
+            self._client.tls_set(ca_certs=tls_ca)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._host, self._port = host, port
+
+    def start(self, timeout: float = 10.0) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600  # keep QoS 1 device events queued across a server restart
+        self._client.connect(self._host, self._port, keepalive=30, clean_start=False, properties=props)
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            self._client.loop_stop()
+            raise ConnectionError(f"MQTT broker {self._host}:{self._port} did not accept the server in {timeout}s")
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def publish_command(self, device_id: str, command) -> None:
+        spec = topic_spec(Channel.COMMANDS)
+        info = self._client.publish(
+            device_topic(device_id, Channel.COMMANDS), encode_message(command), qos=spec.qos, retain=spec.retain
+        )
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise ConnectionError(f"could not queue command for {device_id}: {mqtt.error_string(info.rc)}")
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("mqtt.connect_refused", reason=str(reason_code))
+            return
+        client.subscribe([(topic, qos) for topic, qos in server_subscriptions()])
+        self._connected.set()
+        log.info("mqtt.connected", host=self._host, port=self._port)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        log.warning("mqtt.disconnected", reason=str(reason_code))
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            self._handler(message.topic, message.payload)
+        except Exception:  # one bad message must never kill the network loop
+            log.exception("mqtt.handler_failed", topic=message.topic)

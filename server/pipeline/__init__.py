@@ -1,0 +1,1 @@
+"""The retrain pipeline: trigger → snapshot → train → evaluate → gate → export → bundle → register."""

@@ -1,0 +1,104 @@
+"""Dataset snapshots: immutable, content-addressed manifests of the samples a model trains on,
+chained to their parent, stored in the object store; and their materialisation on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.db.models import Sample, Snapshot
+
+
+@dataclass(frozen=True)
+class MaterializedDataset:
+    train_images: list[Path]
+    val_images: list[Path]
+    val_dir: Path
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def build_snapshot(session: Session, store, parent_id: str | None) -> tuple[Snapshot, dict] | None:
+    """Freeze every validated sample not yet in a snapshot. None when there is nothing new."""
+    samples = session.scalars(
+        select(Sample).where(Sample.status == "validated", Sample.snapshot_id.is_(None)).order_by(Sample.id)
+    ).all()
+    if not samples:
+        return None
+    entries = [
+        {
+            "id": s.id,
+            "object_key": s.object_key,
+            "sha256": s.sha256,
+            "labels": s.labels,
+            "device_id": s.device_id,
+            "reason": s.reason,
+            "captured_at": s.captured_at.isoformat(),
+            "width": s.width,
+            "height": s.height,
+        }
+        for s in samples
+    ]
+    body = {"schema": 1, "parent": parent_id, "samples": entries}
+    data = _canonical(body)
+    snapshot_id = hashlib.sha256(data).hexdigest()
+    key = f"snapshots/{snapshot_id}.json"
+    store.put_bytes(key, data, "application/json")
+    snapshot = session.get(Snapshot, snapshot_id)
+    if snapshot is None:
+        snapshot = Snapshot(
+            id=snapshot_id,
+            parent_id=parent_id,
+            sample_count=len(entries),
+            manifest_key=key,
+            devices=sorted({e["device_id"] for e in entries}),
+        )
+        session.add(snapshot)
+    for s in samples:
+        s.snapshot_id = snapshot_id
+    return snapshot, body
+
+
+def is_validation(sample_id: str, val_fraction: float) -> bool:
+    # Stable split by id: the same sample always lands on the same side, on every rebuild.
+    bucket = int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < val_fraction
+
+
+def yolo_label_lines(labels: list[dict]) -> str:
+    return "".join(f"{b['cls']} {b['cx']:.6f} {b['cy']:.6f} {b['w']:.6f} {b['h']:.6f}\n" for b in labels)
+
+
+def materialize(store, manifest: dict, root: Path, val_fraction: float) -> MaterializedDataset:
+    """Download the snapshot's images into a YOLO layout, verifying each sha256."""
+    train, val = [], []
+    for entry in manifest["samples"]:
+        split = "val" if is_validation(entry["id"], val_fraction) else "train"
+        suffix = Path(entry["object_key"]).suffix or ".jpg"
+        image_path = root / split / "images" / f"{entry['id']}{suffix}"
+        label_path = root / split / "labels" / f"{entry['id']}.txt"
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        label_path.parent.mkdir(parents=True, exist_ok=True)
+        data = store.get_bytes(entry["object_key"], max_bytes=64 * 1024 * 1024)
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ValueError(f"object {entry['object_key']} changed since the snapshot (sha256 mismatch)")
+        image_path.write_bytes(data)
+        label_path.write_text(yolo_label_lines(entry["labels"] or []))
+        (val if split == "val" else train).append(image_path)
+    if not val and train:  # a tiny snapshot still needs a new-data split to gate on
+        val.append(train.pop())
+        moved = root / "val" / "images" / val[0].name
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        (root / "val" / "labels").mkdir(parents=True, exist_ok=True)
+        val[0].rename(moved)
+        label = root / "train" / "labels" / f"{moved.stem}.txt"
+        label.rename(root / "val" / "labels" / label.name)
+        val[0] = moved
+    return MaterializedDataset(train_images=train, val_images=val, val_dir=root / "val" / "images")

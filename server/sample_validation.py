@@ -1,0 +1,74 @@
+"""Ingest-time checks on one collected sample: pure rules, no I/O.
+
+Each check returns a human reason when the sample must be rejected, so that a
+rejected sample is stored with why, and the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from protocol.messages import Box, SampleEvent
+
+
+class SampleRejected(ValueError):
+    """The sample is kept in the database as rejected, with this reason."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int
+    max_side: int
+
+
+def check_object_key(event: SampleEvent) -> None:
+    # A device may only point at objects under its own prefix: its presigned grants put them there.
+    prefix = f"images/{event.device_id}/"
+    if not event.object_key.startswith(prefix) or ".." in event.object_key:
+        raise SampleRejected(f"object key {event.object_key!r} is outside the device's prefix {prefix!r}")
+
+
+def check_labels(labels: Sequence[Box] | None, class_names: Sequence[str]) -> None:
+    if labels is None:
+        return
+    for i, box in enumerate(labels):
+        if box.cls >= len(class_names):
+            raise SampleRejected(
+                f"label {i}: class id {box.cls} is outside the class list "
+                f"({len(class_names)} classes: {', '.join(class_names)})"
+            )
+        x1, y1, x2, y2 = box.xyxy()
+        if box.w <= 0 or box.h <= 0:
+            raise SampleRejected(f"label {i}: box has no area (w={box.w:.4f}, h={box.h:.4f})")
+        eps = 1e-3
+        if x1 < -eps or y1 < -eps or x2 > 1 + eps or y2 > 1 + eps:
+            raise SampleRejected(
+                f"label {i}: box ({x1:.3f}, {y1:.3f}, {x2:.3f}, {y2:.3f}) lies outside the image"
+            )
+
+
+def check_image(data: bytes, event: SampleEvent, limits: ImageLimits) -> np.ndarray:
+    """Hash, size and decode checks on the uploaded bytes; returns the decoded image."""
+    if len(data) > limits.max_bytes:
+        raise SampleRejected(f"object is {len(data)} bytes, over the {limits.max_bytes}-byte limit")
+    if len(data) != event.size_bytes:
+        raise SampleRejected(f"object is {len(data)} bytes but the event declares {event.size_bytes}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != event.sha256:
+        raise SampleRejected(f"object sha256 {digest[:12]}… does not match the event's {event.sha256[:12]}…")
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise SampleRejected("image does not decode (not a valid JPEG/PNG)")
+    height, width = image.shape[:2]
+    if max(height, width) > limits.max_side:
+        raise SampleRejected(f"image is {width}x{height}, over the {limits.max_side}-pixel side limit")
+    if (width, height) != (event.width, event.height):
+        raise SampleRejected(
+            f"image is {width}x{height} but the event declares {event.width}x{event.height}"
+        )
+    return image

@@ -1,0 +1,83 @@
+"""Server settings. Built in ``main()`` / ``create_app(settings)`` and passed down, never at import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TrainingPolicy(BaseSettings):
+    """How a retrain fine-tunes, evaluates and gates a candidate."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_TRAIN_", extra="ignore")
+
+    imgsz: int = Field(160, ge=32, le=1280)
+    epochs: int = Field(10, ge=1, le=1000)
+    batch: int = Field(16, ge=1, le=512)
+    lr0: float = Field(0.002, gt=0, le=1)
+    seed: int = 0
+    # Share of new samples held out as the new-data validation split.
+    val_fraction: float = Field(0.2, ge=0.05, le=0.5)
+    # Base-data images replayed beside the new samples, as a multiple of the new ones,
+    # so that fine-tuning does not forget what the golden set measures.
+    replay_ratio: float = Field(1.0, ge=0, le=10)
+    # Gate: candidate golden mAP50-95 must be >= production - tolerance.
+    golden_tolerance: float = Field(0.0, ge=0, le=1)
+    # Gate: the candidate must beat production on the new-data split by at least this.
+    min_new_data_gain: float = Field(0.0, ge=0, le=1)
+    timeout_seconds: int = Field(6 * 3600, ge=60)
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_", extra="ignore", env_nested_delimiter="__")
+
+    data_dir: Path = Path(".edgeloop/server")
+    database_url: str = ""  # empty: SQLite file in data_dir
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str = ""  # how agents reach the API; empty: http://host:port
+
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_username: str = "edgeloop-server"
+    mqtt_password: SecretStr = SecretStr("")
+    mqtt_tls_ca: Path | None = None
+    # Where device broker credentials are written (enrollment) and which broker to reload.
+    mqtt_password_file: Path | None = None
+    mqtt_broker_pid_file: Path | None = None
+
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = ""
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "edgeloop"
+
+    admin_token: SecretStr | None = None
+    signing_key: Path | None = None  # ed25519 private key PEM; generated in data_dir if unset
+    class_names: list[str] = Field(default_factory=lambda: ["scratch", "dent", "stain"])
+    model_name: str = "defect-detector"
+
+    retrain_threshold: int = Field(1000, ge=1)
+    max_sample_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_image_side: int = Field(4096, ge=32)
+    auto_deploy: bool = False
+    shadow_frames: int = Field(50, ge=1)
+    presign_seconds: int = Field(3600, ge=60, le=7 * 24 * 3600)
+
+    # Named evaluation sets (name -> Ultralytics data.yaml); "golden" is the gate's fixed set.
+    eval_sets: dict[str, Path] = Field(default_factory=dict)
+    # Base training data replayed during fine-tuning (a data.yaml whose train split is used).
+    replay_data: Path | None = None
+
+    training: TrainingPolicy = Field(default_factory=TrainingPolicy)
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'edgeloop.db').resolve()}"
+
+    def resolved_public_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"

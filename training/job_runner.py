@@ -1,0 +1,113 @@
+"""One retrain job's compute, run as a subprocess by the server's local executor:
+
+    python -m training.job_runner SPEC.json
+
+fine-tune → evaluate candidate and production on every eval set → export ONNX.
+Progress goes to stdout as JSON lines ({"event": ...}) so any executor can stream it;
+the final result is also written to ``<out_dir>/result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def emit(event: str, **fields) -> None:
+    print(json.dumps({"event": event, **fields}, default=str), flush=True)
+
+
+def _metrics_dict(m) -> dict:
+    return {
+        "map50": float(m.map50),
+        "map50_95": float(m.map50_95),
+        "precision": float(m.precision),
+        "recall": float(m.recall),
+        "per_class": m.per_class,
+    }
+
+
+def run(spec: dict) -> dict:
+    from training.ultralytics_env import offline_ultralytics
+
+    out_dir = Path(spec["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ultralytics = offline_ultralytics(Path(spec["config_dir"]))
+    from training import yolo
+
+    stages: dict[str, float] = {}
+    imgsz = int(spec["imgsz"])
+
+    emit("stage", stage="train", status="started")
+    t0 = time.monotonic()
+
+    def on_epoch(epoch: int, epochs: int, losses: dict, seconds: float) -> None:
+        emit("epoch", epoch=epoch, epochs=epochs, losses=losses, seconds=seconds)
+
+    trained = yolo.train(
+        spec["data_yaml"],
+        out_dir / "train",
+        model=spec["base_weights"],
+        epochs=int(spec["epochs"]),
+        imgsz=imgsz,
+        batch=int(spec["batch"]),
+        seed=int(spec["seed"]),
+        lr0=spec.get("lr0"),
+        on_epoch=on_epoch,
+    )
+    stages["train"] = time.monotonic() - t0
+
+    emit("stage", stage="evaluate", status="started")
+    t0 = time.monotonic()
+    metrics: dict[str, dict] = {"candidate": {}, "production": {}}
+    for name, data_yaml in spec["eval_sets"].items():
+        metrics["candidate"][name] = _metrics_dict(yolo.evaluate(trained.best_pt, data_yaml, imgsz))
+        if spec.get("production_weights"):
+            metrics["production"][name] = _metrics_dict(yolo.evaluate(spec["production_weights"], data_yaml, imgsz))
+        emit("evaluated", eval_set=name, candidate=metrics["candidate"][name]["map50"],
+             production=metrics["production"].get(name, {}).get("map50"))
+    stages["evaluate"] = time.monotonic() - t0
+
+    emit("stage", stage="export", status="started")
+    t0 = time.monotonic()
+    onnx_path = yolo.export_onnx(trained.best_pt, imgsz, out_dir / "model.onnx")
+    stages["export"] = time.monotonic() - t0
+
+    result = {
+        "best_pt": str(trained.best_pt),
+        "onnx": str(onnx_path),
+        "metrics": metrics,
+        "stages": stages,
+        "hyperparameters": trained.hyperparameters,
+        "environment": {
+            "python": platform.python_version(),
+            "ultralytics": ultralytics.__version__,
+            "torch": __import__("torch").__version__,
+            "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+        },
+    }
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    emit("result", result=result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m training.job_runner SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        run(spec)
+    except Exception as exc:  # the executor reads this line as the failure reason
+        emit("error", error=f"{type(exc).__name__}: {exc}")
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
