@@ -19,7 +19,6 @@ log = structlog.get_logger(__name__)
 
 
 def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> ServerContext:
-    from server.broker_accounts import BrokerAccounts
     from server.db.session import make_engine, make_session_factory, upgrade_schema
     from server.ingest import IngestService
     from server.mqtt_bus import MqttBus
@@ -29,6 +28,7 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
     from server.pipeline.trigger import RetrainScheduler
     from server.publish import ModelPublisher, ensure_signing_key
     from server.sample_validation import ImageLimits
+    from server.stack.mosquitto import BrokerUsers
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url())
@@ -41,7 +41,8 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
     store.ensure_bucket()
     key = ensure_signing_key(settings.signing_key or settings.data_dir / "keys" / "signing-key.pem")
     publisher = ModelPublisher(sessions, store, key, settings.model_name, settings.class_names)
-    accounts = (BrokerAccounts(settings.mqtt_password_file, settings.mqtt_broker_pid_file)
+    accounts = (BrokerUsers(settings.mqtt_password_file, settings.mqtt_broker_pid_file,
+                            log_file=settings.mqtt_broker_log_file)
                 if settings.mqtt_password_file else None)
 
     ctx = ServerContext(settings=settings, engine=engine, sessions=sessions, store=store, bus=None,

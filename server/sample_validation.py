@@ -7,6 +7,7 @@ rejected sample is stored with why, and the rest of the batch goes on.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,11 @@ def check_labels(labels: Sequence[Box] | None, class_names: Sequence[str]) -> No
             raise SampleRejected(
                 f"label {i}: class id {box.cls} is outside the class list "
                 f"({len(class_names)} classes: {', '.join(class_names)})"
+            )
+        if not all(math.isfinite(v) for v in (box.cx, box.cy, box.w, box.h)):
+            # NaN compares false against every bound below, so it would slip through them.
+            raise SampleRejected(
+                f"label {i}: box has a non-finite coordinate (cx={box.cx}, cy={box.cy}, w={box.w}, h={box.h})"
             )
         x1, y1, x2, y2 = box.xyxy()
         if box.w <= 0 or box.h <= 0:

@@ -41,12 +41,13 @@ class ServerSettings(BaseSettings):
 
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
-    mqtt_username: str = "edgeloop-server"
+    mqtt_username: str = "_edgeloop-server"
     mqtt_password: SecretStr = SecretStr("")
     mqtt_tls_ca: Path | None = None
     # Where device broker credentials are written (enrollment) and which broker to reload.
     mqtt_password_file: Path | None = None
     mqtt_broker_pid_file: Path | None = None
+    mqtt_broker_log_file: Path | None = None  # lets enrollment wait until the broker reloaded
 
     s3_endpoint: str = "127.0.0.1:9000"
     s3_access_key: str = ""

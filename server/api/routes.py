@@ -68,7 +68,7 @@ def provision_device(
         raise HTTPException(status.HTTP_409_CONFLICT, "broker account management is not configured "
                             "(set EDGELOOP_MQTT_PASSWORD_FILE)")
     password = secrets.token_urlsafe(24)
-    ctx.accounts.set_password(body.device_id, password)
+    ctx.accounts.add_user(body.device_id, password)
     with ctx.sessions() as session:
         device = session.get(Device, body.device_id)
         if device is None:
@@ -95,7 +95,7 @@ def revoke_device(device_id: str, request: Request, ctx: ServerContext = Depends
         audit.record(session, who.subject, "device.revoke", device_id, client_address(request))
         session.commit()
     if ctx.accounts is not None:
-        ctx.accounts.remove(device_id)
+        ctx.accounts.remove_user(device_id)
 
 
 @router.get("/devices")

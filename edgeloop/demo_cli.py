@@ -1,0 +1,113 @@
+"""``edgeloop demo`` with a live progress view and a final report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import typer
+
+app = typer.Typer()
+
+
+@app.command("demo")
+def demo(
+    fast: bool = typer.Option(False, "--fast", help="Smaller threshold, image size and epochs: minutes on 2 cores."),
+    devices: int = typer.Option(3, min=1, max=32, help="How many edge agents to run."),
+    threshold: int = typer.Option(None, min=10, help="Samples that trigger the retrain (default 1000, --fast 150)."),
+    workdir: Path = typer.Option(None, help="Where services, agents and logs live (default: a temp folder)."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    timeout: float = typer.Option(3600.0, help="Give up on any one stage after this many seconds."),
+) -> None:
+    """Run the whole loop: stack, server, agents, collection, retrain, signed bundle, shadow, switch."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from edgeloop.demo import DemoConfig, DemoFailed, run_demo
+
+    console = Console(stderr=True)
+    work = workdir or Path(tempfile.mkdtemp(prefix="edgeloop-demo-"))
+    config = DemoConfig(workdir=work, fast=fast, devices=devices, threshold=threshold, timeout_seconds=timeout)
+    view = {"stages": {}, "current": "", "detail": "", "line": ""}
+
+    def render() -> Table:
+        table = Table(title=f"edgeloop demo{' --fast' if fast else ''} · {work}", expand=False)
+        table.add_column("stage")
+        table.add_column("seconds", justify="right")
+        for name, seconds in view["stages"].items():
+            table.add_row(f"[green]✓[/] {name}", f"{seconds:.1f}")
+        if view["current"]:
+            table.add_row(f"[cyan]…[/] {view['current']}", "", end_section=True)
+            table.add_row(f"[dim]{view['detail']}[/]", "")
+            if view["line"]:
+                table.add_row(view["line"], "")
+        return table
+
+    def bar(done: float, total: float, width: int = 30) -> str:
+        filled = int(width * min(1.0, done / total)) if total else 0
+        return "█" * filled + "░" * (width - filled)
+
+    with Live(render(), console=console, refresh_per_second=4, transient=False) as live:
+        def progress(kind: str, info: dict) -> None:
+            if kind == "stage":
+                view.update(current=info["stage"], detail=info.get("detail", ""), line="")
+            elif kind == "stage_done":
+                view["stages"][info["stage"]] = info["seconds"]
+                view["current"] = ""
+            elif kind == "seed_epoch":
+                view["line"] = f"training seed {bar(info['epoch'], info['epochs'])} epoch {info['epoch']}/{info['epochs']}"
+            elif kind == "samples":
+                view["line"] = (f"samples {bar(info['pending'], info['threshold'])} "
+                                f"{info['pending']}/{info['threshold']}  {info['by_status']}")
+            elif kind == "job":
+                p = info.get("progress") or {}
+                epoch = f" epoch {p['epoch']}/{p['epochs']} {bar(p['epoch'], p['epochs'])}" if p.get("epochs") else ""
+                view["line"] = f"job #{info['id']} {info['status']} · {info.get('stage') or ''}{epoch}"
+            elif kind == "devices":
+                items = info["items"]
+                done = sum(d["active_version"] == info["version"] for d in items)
+                states = ", ".join(f"{d['id']}:{d['update_state'] or '-'}" for d in items)
+                view["line"] = f"switched {bar(done, len(items))} {done}/{len(items)}  {states}"
+            live.update(render())
+
+        try:
+            report = run_demo(config, progress)
+        except DemoFailed as exc:
+            console.print(f"[red]demo failed:[/] {exc}\nlogs: {work / 'logs'}")
+            if json_path:
+                json_path.write_text(json.dumps({"ok": False, "error": str(exc)}, indent=2))
+            raise typer.Exit(1) from None
+
+    _print_report(console, report)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2, default=str))
+        console.print(f"report written to {json_path}")
+    sys.stdout.flush()
+
+
+def _print_report(console, report: dict) -> None:
+    from rich.table import Table
+
+    before, after = report["models"]["before"], report["models"]["after"]
+    table = Table(title="models: seed → retrained")
+    table.add_column("metric")
+    table.add_column(f"v{before['version']} (before)", justify="right")
+    table.add_column(f"v{after['version']} (after)", justify="right")
+    for eval_set in ("golden", "shifted", "new_data"):
+        for metric in ("map50", "map50_95"):
+            if eval_set in before and eval_set in after:
+                table.add_row(f"{eval_set} {metric}", f"{before[eval_set][metric]:.3f}",
+                              f"{after[eval_set][metric]:.3f}")
+    console.print(table)
+    stages = Table(title="stages")
+    stages.add_column("stage")
+    stages.add_column("seconds", justify="right")
+    for name, seconds in report["stages"].items():
+        stages.add_row(name, f"{seconds:.1f}")
+    stages.add_row("[b]total[/]", f"[b]{report['total_seconds']:.1f}[/]")
+    console.print(stages)
+    d = report["devices"]
+    console.print(f"devices switched to v{after['version']}: {d['switched']}/{d['total']}")
