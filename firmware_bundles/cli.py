@@ -1,0 +1,251 @@
+"""``edgeloop keys ...`` and ``edgeloop bundle ...``.
+
+Contract relied on by scripts and tests: every failure exits non-zero with
+``error: <reason>`` as the last line of output (on stderr), printed unwrapped.
+Only typer, rich, the standard library and this package are imported at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from firmware_bundles.build import build_bundle, infer_role
+from firmware_bundles.errors import BundleError
+from firmware_bundles.keys import (
+    DEFAULT_KEY_NAME,
+    TrustStore,
+    key_id,
+    load_private_key,
+    load_public_key,
+    write_key_pair,
+)
+from firmware_bundles.manifest import DEFAULT_MIN_AGENT_VERSION
+from firmware_bundles.onnx_meta import OnnxMetadataError, parse_imgsz, parse_names, read_onnx_metadata
+from firmware_bundles.reader import DEFAULT_MAX_BYTES
+from firmware_bundles.sign import sign_bundle
+from firmware_bundles.summary import inspect_bundle, summary_rows
+from firmware_bundles.verify import verify_bundle
+
+keys_app = typer.Typer(help="Ed25519 keys that sign model bundles.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Build, sign, verify and inspect signed model bundles.", no_args_is_help=True)
+
+
+def _fail(reason: str) -> NoReturn:
+    # typer.echo, not rich: rich would wrap a long reason over several lines.
+    typer.echo(f"error: {reason}", err=True)
+    raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _reported() -> Iterator[None]:
+    """Turn expected failures into the one-line ``error:`` contract instead of a traceback."""
+    try:
+        yield
+    except (BundleError, OnnxMetadataError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+    except ValueError as exc:
+        _fail(str(exc).replace("\n", "; "))
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- keys -----------------------------------------------------------------------------
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option("--out", help="Folder for <name>.pem (private) and <name>.pub.pem.")],
+    name: Annotated[str, typer.Option(help="Base file name of the pair.")] = DEFAULT_KEY_NAME,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing pair.")] = False,
+) -> None:
+    """Generate an ed25519 signing key pair; prints its key id."""
+    with _reported():
+        private_path, public_path, kid = write_key_pair(out, name=name, overwrite=force)
+    typer.echo(f"private key: {private_path} (mode 0600, keep it secret)")
+    typer.echo(f"public key:  {public_path}")
+    typer.echo(f"key id: {kid}")
+
+
+@keys_app.command("id")
+def keys_id(key: Annotated[Path, typer.Argument(help="A public or private key PEM file.")]) -> None:
+    """Print the key id of a key file."""
+    with _reported():
+        is_private = b"PRIVATE KEY" in key.read_bytes()
+        public = load_private_key(key).public_key() if is_private else load_public_key(key)
+    typer.echo(key_id(public))
+
+
+# -- bundle ---------------------------------------------------------------------------
+
+
+def _class_names(class_names: str | None, labels: Path | None, metadata: dict[str, str] | None) -> list[str]:
+    if class_names is not None and labels is not None:
+        raise ValueError("give --class-names or --labels, not both")
+    if class_names is not None:
+        return [name.strip() for name in class_names.split(",") if name.strip()]
+    if labels is not None:
+        return [line.strip() for line in labels.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if metadata is None:
+        raise ValueError(
+            "no class names: pass --class-names or --labels (install onnx to read them from the model)"
+        )
+    if "names" not in metadata:
+        raise ValueError("no class names: the model has no 'names' metadata; pass --class-names or --labels")
+    return parse_names(metadata["names"])
+
+
+def _imgsz(imgsz: int | None, metadata: dict[str, str] | None) -> int:
+    if imgsz is not None:
+        return imgsz
+    if metadata is None:
+        raise ValueError("no image size: pass --imgsz (install onnx to read it from the model)")
+    if "imgsz" not in metadata:
+        raise ValueError("no image size: the model has no 'imgsz' metadata; pass --imgsz")
+    return parse_imgsz(metadata["imgsz"])
+
+
+def _model_metadata(model: Path) -> dict[str, str] | None:
+    try:
+        return read_onnx_metadata(model)
+    except Exception as exc:  # onnx raises protobuf DecodeError and friends, with no common base
+        raise ValueError(f"cannot read ONNX metadata from {model} ({type(exc).__name__}: {exc})") from None
+
+
+@bundle_app.command("build")
+def bundle_build(
+    model: Annotated[Path, typer.Option("--model", help="The ONNX model.")],
+    version: Annotated[int, typer.Option("--version", min=1, help="Bundle version (integer, >= 1).")],
+    key: Annotated[Path, typer.Option("--key", help="Private signing key (PEM).")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle file to write.")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Model name (default: the model file stem).")
+    ] = None,
+    class_names: Annotated[
+        str | None, typer.Option("--class-names", help="Comma-separated class names, in class id order.")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="File with one class name per line.")
+    ] = None,
+    imgsz: Annotated[int | None, typer.Option("--imgsz", min=1, help="Square input size in pixels.")] = None,
+    extra_files: Annotated[
+        list[Path] | None, typer.Option("--file", help="Extra file to include (repeatable).")
+    ] = None,
+    min_agent_version: Annotated[
+        str, typer.Option("--min-agent-version", help="Oldest agent that may install this bundle.")
+    ] = DEFAULT_MIN_AGENT_VERSION,
+) -> None:
+    """Build and sign a bundle. Class names and image size default to the ONNX model's metadata."""
+    with _reported():
+        if not model.is_file():
+            raise ValueError(f"model not found: {model}")
+        # Only open the model with onnx when a flag is missing: a build with full flags needs no onnx.
+        needs_metadata = imgsz is None or (class_names is None and labels is None)
+        metadata = _model_metadata(model) if needs_metadata else {}
+        names = _class_names(class_names, labels, metadata)
+        size = _imgsz(imgsz, metadata)
+        files = {model.name: model}
+        roles = {}
+        for extra in extra_files or []:
+            if extra.name in files:
+                raise ValueError(f"two files would be stored as {extra.name!r}")
+            files[extra.name] = extra
+            # Extra files never become runtimes; only labels keep their role.
+            roles[extra.name] = "labels" if infer_role(extra.name) == "labels" else "extra"
+        manifest = build_bundle(
+            out,
+            files,
+            private_key=load_private_key(key),
+            model_name=name or model.stem,
+            version=version,
+            class_names=names,
+            input_spec=size,
+            roles=roles,
+            min_agent_version=min_agent_version,
+        )
+        digest = _sha256_of(out)
+    typer.echo(
+        f"built {out}: {manifest.model_name} version {manifest.version}, {len(manifest.files)} file(s)"
+    )
+    typer.echo(f"signed by key {manifest.key_id}")
+    typer.echo(f"sha256: {digest}")
+
+
+@bundle_app.command("sign")
+def bundle_sign(
+    bundle: Annotated[Path, typer.Argument(help="Bundle to re-sign.")],
+    key: Annotated[Path, typer.Option("--key", help="New private signing key (PEM).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write here instead of in place.")] = None,
+    trust: Annotated[
+        Path | None,
+        typer.Option("--trust", help="Public key file or folder; the current signature must verify first."),
+    ] = None,
+) -> None:
+    """Re-sign a bundle with another key (key rotation); the files must still match the manifest."""
+    with _reported():
+        store = TrustStore.from_path(trust) if trust is not None else None
+        manifest = sign_bundle(bundle, load_private_key(key), out_path=out, trust=store)
+    typer.echo(
+        f"signed {out or bundle}: {manifest.model_name} version {manifest.version} with key {manifest.key_id}"
+    )
+
+
+@bundle_app.command("verify")
+def bundle_verify(
+    bundle: Annotated[Path, typer.Argument(help="Bundle to verify.")],
+    key: Annotated[Path, typer.Option("--key", help="Trusted public key file, or a folder of *pub*.pem.")],
+    retired: Annotated[
+        list[str] | None, typer.Option("--retired", help="Key id that no longer verifies (repeatable).")
+    ] = None,
+    sha256: Annotated[
+        str | None, typer.Option("--sha256", help="Expected sha256 of the bundle file.")
+    ] = None,
+    max_bytes: Annotated[int, typer.Option("--max-bytes", min=1, help="Refuse bundles larger than this.")] = (
+        DEFAULT_MAX_BYTES
+    ),
+) -> None:
+    """Check a bundle's structure, signature and file hashes; exit 0 only if all pass."""
+    with _reported():
+        store = TrustStore.from_path(key, retired=retired or ())
+        manifest = verify_bundle(bundle, store, max_bytes=max_bytes, expected_sha256=sha256)
+    typer.echo(f"OK: {manifest.model_name} version {manifest.version}, signed by key {manifest.key_id}")
+
+
+@bundle_app.command("inspect")
+def bundle_inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle to describe.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Show a bundle's manifest and integrity without checking who signed it."""
+    with _reported():
+        summary = inspect_bundle(bundle)
+    if as_json:
+        typer.echo(summary.model_dump_json(indent=2))
+    else:
+        table = Table(show_header=False, box=None)
+        table.add_column(style="bold")
+        table.add_column(overflow="fold")
+        for label, value in summary_rows(summary):
+            # Text, not str: values like "[model.onnx]" must not be parsed as rich markup.
+            table.add_row(Text(label), Text(value))
+        Console().print(table)
+    if summary.integrity != "ok":
+        _fail(summary.integrity)
+    if not summary.signature_present:
+        _fail("bundle has no valid-looking signature (manifest.sig missing or malformed)")
