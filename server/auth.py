@@ -32,7 +32,8 @@ class Principal:
     subject: str
 
     def at_least(self, role: Role) -> bool:
-        return self.role in _RANK and _RANK[self.role] >= _RANK[role]
+        # ``role`` may be DEVICE (outside the ladder): no principal is "at least" a device.
+        return self.role in _RANK and role in _RANK and _RANK[self.role] >= _RANK[role]
 
     def is_device(self, device_id: str) -> bool:
         return self.role is Role.DEVICE and self.subject == device_id

@@ -31,7 +31,13 @@ MIN_PRESIGN = timedelta(seconds=1)
 MAX_PRESIGN = timedelta(days=7)  # the SigV4 maximum
 _CHUNK = 256 * 1024
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}
-_DENIED_CODES = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken"}
+_DENIED_CODES = {
+    "AccessDenied",
+    "SignatureDoesNotMatch",
+    "InvalidAccessKeyId",
+    "InvalidToken",
+    "ExpiredToken",
+}
 
 T = TypeVar("T")
 
@@ -67,8 +73,15 @@ def _check_key(key: str) -> str:
     """Refuse keys that are empty, absolute or that climb out of their prefix."""
     if not isinstance(key, str) or not key or len(key.encode()) > 1024:
         raise ValueError(f"invalid object key {key!r}: must be 1-1024 bytes")
-    if key.startswith("/") or "\\" in key or "\0" in key or any(part in ("", ".", "..") for part in key.split("/")[:-1]):
-        raise ValueError(f"invalid object key {key!r}: no leading '/', empty, '.' or '..' segments, backslashes")
+    if (
+        key.startswith("/")
+        or "\\" in key
+        or "\0" in key
+        or any(part in ("", ".", "..") for part in key.split("/")[:-1])
+    ):
+        raise ValueError(
+            f"invalid object key {key!r}: no leading '/', empty, '.' or '..' segments, backslashes"
+        )
     if key.split("/")[-1] in ("", ".", ".."):
         raise ValueError(f"invalid object key {key!r}: must name an object, not a folder")
     return key
@@ -76,7 +89,9 @@ def _check_key(key: str) -> str:
 
 def _check_expiry(expires: timedelta) -> timedelta:
     if not isinstance(expires, timedelta) or not (MIN_PRESIGN <= expires <= MAX_PRESIGN):
-        raise ValueError(f"presigned URL lifetime must be a timedelta between {MIN_PRESIGN} and {MAX_PRESIGN}")
+        raise ValueError(
+            f"presigned URL lifetime must be a timedelta between {MIN_PRESIGN} and {MAX_PRESIGN}"
+        )
     return expires
 
 
@@ -155,12 +170,17 @@ class ObjectStore:
         except S3Error as exc:
             where = self._where(key)
             if exc.code in _MISSING_CODES or exc.code == "NoSuchBucket":
-                raise ObjectNotFoundError(f"{what}: {where} does not exist ({exc.code})", code=exc.code) from None
+                raise ObjectNotFoundError(
+                    f"{what}: {where} does not exist ({exc.code})", code=exc.code
+                ) from None
             if exc.code in _DENIED_CODES:
                 raise AccessDeniedError(
-                    f"{what}: {where} refused the credentials or request ({exc.code}: {exc.message})", code=exc.code
+                    f"{what}: {where} refused the credentials or request ({exc.code}: {exc.message})",
+                    code=exc.code,
                 ) from None
-            raise ObjectStoreError(f"{what}: {where} failed ({exc.code}: {exc.message})", code=exc.code) from None
+            raise ObjectStoreError(
+                f"{what}: {where} failed ({exc.code}: {exc.message})", code=exc.code
+            ) from None
         except (ServerError, InvalidResponseError) as exc:
             raise ObjectStoreError(f"{what}: {self._where(key)} answered with an error: {exc}") from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -204,19 +224,25 @@ class ObjectStore:
         data = bytes(data)
         result = self._call(
             "put",
-            lambda: self._client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type),
+            lambda: self._client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
+            ),
             key,
         )
         return result.etag
 
-    def put_file(self, key: str, path: str | os.PathLike, content_type: str = "application/octet-stream") -> str:
+    def put_file(
+        self, key: str, path: str | os.PathLike, content_type: str = "application/octet-stream"
+    ) -> str:
         """Upload a file (multipart when large); returns the ETag."""
         _check_key(key)
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(path)
         result = self._call(
-            "put file", lambda: self._client.fput_object(self.bucket, key, str(path), content_type=content_type), key
+            "put file",
+            lambda: self._client.fput_object(self.bucket, key, str(path), content_type=content_type),
+            key,
         )
         return result.etag
 
@@ -256,7 +282,9 @@ class ObjectStore:
                 for chunk in response.stream(_CHUNK):
                     total += len(chunk)
                     if max_bytes is not None and total > max_bytes:
-                        raise ObjectTooLargeError(f"{self._where(key)} is more than the {max_bytes} bytes allowed")
+                        raise ObjectTooLargeError(
+                            f"{self._where(key)} is more than the {max_bytes} bytes allowed"
+                        )
                     yield chunk
 
             yield self._guard_iter(chunks(), key)
@@ -325,10 +353,14 @@ class ObjectStore:
         """A URL that lets its holder PUT ``key`` (only that key) until it expires."""
         _check_key(key)
         _check_expiry(expires)
-        return self._call("presign put", lambda: self._presigner.presigned_put_object(self.bucket, key, expires), key)
+        return self._call(
+            "presign put", lambda: self._presigner.presigned_put_object(self.bucket, key, expires), key
+        )
 
     def presigned_get(self, key: str, expires: timedelta = timedelta(minutes=15)) -> str:
         """A URL that lets its holder GET ``key`` until it expires (ranged GETs work)."""
         _check_key(key)
         _check_expiry(expires)
-        return self._call("presign get", lambda: self._presigner.presigned_get_object(self.bucket, key, expires), key)
+        return self._call(
+            "presign get", lambda: self._presigner.presigned_get_object(self.bucket, key, expires), key
+        )

@@ -31,8 +31,8 @@ def decide(candidate: dict, production: dict | None, policy: GatePolicy) -> Gate
         return GateDecision(True, ["no production model yet: first model is accepted"])
     decision = GateDecision(True)
 
-    cand_golden = candidate.get("golden", {}).get("map50_95")
-    prod_golden = production.get("golden", {}).get("map50_95")
+    cand_golden = (candidate.get("golden") or {}).get("map50_95")
+    prod_golden = (production.get("golden") or {}).get("map50_95")
     if cand_golden is None or prod_golden is None:
         decision.passed = False
         decision.reasons.append("golden-set metrics missing for candidate or production")
@@ -49,8 +49,8 @@ def decide(candidate: dict, production: dict | None, policy: GatePolicy) -> Gate
                 f" - tolerance {policy.golden_tolerance:.3f}"
             )
 
-    cand_new = candidate.get("new_data", {}).get("map50_95")
-    prod_new = production.get("new_data", {}).get("map50_95")
+    cand_new = (candidate.get("new_data") or {}).get("map50_95")
+    prod_new = (production.get("new_data") or {}).get("map50_95")
     if cand_new is None or prod_new is None:
         decision.passed = False
         decision.reasons.append("new-data split metrics missing for candidate or production")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import select
@@ -25,6 +26,14 @@ def _canonical(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
+def _utc_iso(value: datetime) -> str:
+    # One spelling per instant: an object still holding its in-memory (naive or non-UTC) value and
+    # the same row read back from the database must hash to the same snapshot id.
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat()
+
+
 def build_snapshot(session: Session, store, parent_id: str | None) -> tuple[Snapshot, dict] | None:
     """Freeze every validated sample not yet in a snapshot. None when there is nothing new."""
     samples = session.scalars(
@@ -40,7 +49,7 @@ def build_snapshot(session: Session, store, parent_id: str | None) -> tuple[Snap
             "labels": s.labels,
             "device_id": s.device_id,
             "reason": s.reason,
-            "captured_at": s.captured_at.isoformat(),
+            "captured_at": _utc_iso(s.captured_at),
             "width": s.width,
             "height": s.height,
         }
@@ -68,7 +77,9 @@ def build_snapshot(session: Session, store, parent_id: str | None) -> tuple[Snap
 
 def is_validation(sample_id: str, val_fraction: float) -> bool:
     # Stable split by id: the same sample always lands on the same side, on every rebuild.
-    bucket = int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    # Divide by 2**32 so the bucket lies in [0, 1): with 0xFFFFFFFF one id in 2**32 reached 1.0
+    # and stayed out of the validation split even at val_fraction=1.0.
+    bucket = int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
     return bucket < val_fraction
 
 

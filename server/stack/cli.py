@@ -25,7 +25,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 DEFAULT_DIR = Path(".edgeloop/stack")
-DIR_OPTION = typer.Option(DEFAULT_DIR, "--dir", help="Folder holding the stack's config, data, logs and stack.json.")
+DIR_OPTION = typer.Option(
+    DEFAULT_DIR, "--dir", help="Folder holding the stack's config, data, logs and stack.json."
+)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -81,11 +83,13 @@ def up(
         _fail(str(exc))
     console.print(_status_table(stack.status()))
     console.print(
-        f"Point the server at it: [bold]eval \"$(edgeloop stack env --dir {shlex.quote(str(directory))})\"[/]",
+        f'Point the server at it: [bold]eval "$(edgeloop stack env --dir {shlex.quote(str(directory))})"[/]',
         highlight=False,
     )
     if not foreground:
-        console.print(f"Stop it with: [bold]edgeloop stack down --dir {shlex.quote(str(directory))}[/]", highlight=False)
+        console.print(
+            f"Stop it with: [bold]edgeloop stack down --dir {shlex.quote(str(directory))}[/]", highlight=False
+        )
         return
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -132,7 +136,9 @@ def status(
         typer.echo(json.dumps(info, indent=2, sort_keys=True))
     elif not info["exists"]:
         console.print(f"no stack in {directory}", highlight=False)
-        console.print(f"start one with: [bold]edgeloop stack up --dir {shlex.quote(str(directory))}[/]", highlight=False)
+        console.print(
+            f"start one with: [bold]edgeloop stack up --dir {shlex.quote(str(directory))}[/]", highlight=False
+        )
     else:
         console.print(_status_table(info))
     if not info["running"]:

@@ -472,7 +472,8 @@ class MosquittoBroker:
                 self._start_once(binary, detach=detach, timeout=timeout)
                 return
             except ServiceError:
-                if attempt + 1 >= attempts or "Address already in use" not in _proc.tail(self.log_file, 50) + _proc.tail(self.stderr_file, 50):
+                output = _proc.tail(self.log_file, 50) + _proc.tail(self.stderr_file, 50)
+                if attempt + 1 >= attempts or "Address already in use" not in output:
                     raise
                 self._port = None  # lost a race for the port: pick another
 
@@ -493,7 +494,12 @@ class MosquittoBroker:
         if not detach:
             _proc.register_exit_stop(self)
         try:
-            wait_for_port(self.port, self.host, timeout, alive=lambda: self._popen is not None and self._popen.poll() is None)
+            wait_for_port(
+                self.port,
+                self.host,
+                timeout,
+                alive=lambda: self._popen is not None and self._popen.poll() is None,
+            )
         except ServiceError as exc:
             self._kill_quietly()
             raise ServiceError(
@@ -577,5 +583,3 @@ class MosquittoBroker:
 
     def __repr__(self) -> str:
         return f"MosquittoBroker({str(self.workdir)!r}, port={self._port}, pid={self._pid})"
-
-

@@ -143,7 +143,12 @@ def wait_for_port(
     alive: Callable[[], bool] | None = None,
 ) -> None:
     """Wait until ``host:port`` accepts TCP connections."""
-    wait_until(lambda: port_is_open(port, host), timeout, what=f"waiting for {host}:{port} to accept connections", alive=alive)
+    wait_until(
+        lambda: port_is_open(port, host),
+        timeout,
+        what=f"waiting for {host}:{port} to accept connections",
+        alive=alive,
+    )
 
 
 def wait_for_port_closed(port: int, host: str = DEFAULT_HOST, timeout: float = 10.0) -> None:

@@ -235,11 +235,17 @@ class SeaweedS3:
         if self._s3_port_fixed:
             grpc = self.s3_port + GRPC_OFFSET
             if grpc > 65535:
-                raise ServiceError(f"S3 port {self.s3_port} is too high: SeaweedFS also listens on port + {GRPC_OFFSET}")
+                raise ServiceError(
+                    f"S3 port {self.s3_port} is too high: SeaweedFS also listens on port + {GRPC_OFFSET}"
+                )
             for port in (self.s3_port, grpc):
                 if not port_is_free(port, self.host):
-                    raise ServiceError(f"port {self.host}:{port} (S3 port {self.s3_port} or its gRPC partner) is already in use")
-        cmd = weed_command(weed, workdir=self.workdir, host=self.host, ports=self._ports, s3_config=self.s3_config_file)
+                    raise ServiceError(
+                        f"port {self.host}:{port} (S3 port {self.s3_port} or its gRPC partner) is already in use"
+                    )
+        cmd = weed_command(
+            weed, workdir=self.workdir, host=self.host, ports=self._ports, s3_config=self.s3_config_file
+        )
         with open(self.output_file, "ab") as out:
             self._popen = subprocess.Popen(
                 cmd,
@@ -264,7 +270,9 @@ class SeaweedS3:
         except ServiceError as exc:
             with contextlib.suppress(ServiceError):
                 self.stop(timeout=15.0)
-            raise ServiceError(f"SeaweedFS did not start: {exc}\n{_proc.tail(self.output_file)}".rstrip()) from None
+            raise ServiceError(
+                f"SeaweedFS did not start: {exc}\n{_proc.tail(self.output_file)}".rstrip()
+            ) from None
 
     def stop(self, timeout: float = 30.0) -> None:
         """Terminate ``weed`` and wait for it to exit (3-12 s is normal), SIGKILL after

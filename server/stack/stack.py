@@ -76,6 +76,7 @@ def stack_settings_env(state: StackState) -> dict[str, str]:
         "EDGELOOP_MQTT_PASSWORD": str(mqtt["password"]),
         "EDGELOOP_MQTT_PASSWORD_FILE": str(mqtt["password_file"]),
         "EDGELOOP_MQTT_BROKER_PID_FILE": str(mqtt["pid_file"]),
+        "EDGELOOP_MQTT_BROKER_LOG_FILE": str(mqtt["log_file"]),
         "EDGELOOP_S3_ENDPOINT": str(s3["endpoint"]),
         "EDGELOOP_S3_ACCESS_KEY": str(s3["access_key"]),
         "EDGELOOP_S3_SECRET_KEY": str(s3["secret_key"]),
@@ -88,7 +89,9 @@ def stack_settings_env(state: StackState) -> dict[str, str]:
 class EmbeddedStack:
     """Mosquitto (``workdir/mosquitto``) and SeaweedFS S3 (``workdir/seaweedfs``)."""
 
-    def __init__(self, workdir: Path = DEFAULT_DIR, *, host: str = DEFAULT_HOST, bucket: str = DEFAULT_BUCKET):
+    def __init__(
+        self, workdir: Path = DEFAULT_DIR, *, host: str = DEFAULT_HOST, bucket: str = DEFAULT_BUCKET
+    ):
         self.workdir = Path(workdir).absolute()
         self.host = host
         self.bucket = bucket
@@ -147,7 +150,9 @@ class EmbeddedStack:
         broker, s3 = self._handles(previous)
         if broker.running or s3.running:
             running = ", ".join(
-                f"{name} pid {svc.pid}" for name, svc in (("mosquitto", broker), ("seaweedfs", s3)) if svc.running
+                f"{name} pid {svc.pid}"
+                for name, svc in (("mosquitto", broker), ("seaweedfs", s3))
+                if svc.running
             )
             raise ServiceError(
                 f"a stack is already running in {self.workdir} ({running}); "
@@ -220,7 +225,11 @@ class EmbeddedStack:
         state = self.state if self.broker is not None else self.load_state()
         if state is None:
             return {"workdir": str(self.workdir), "exists": False, "running": False, "services": {}}
-        broker, s3 = (self.broker, self.s3) if self.broker is not None and self.s3 is not None else self._handles(state)
+        broker, s3 = (
+            (self.broker, self.s3)
+            if self.broker is not None and self.s3 is not None
+            else self._handles(state)
+        )
         mqtt_port = state.mqtt.get("port")
         mqtt = {
             "running": broker.running,
@@ -269,4 +278,3 @@ class EmbeddedStack:
 
     def __exit__(self, *exc: object) -> None:
         self.down()
-

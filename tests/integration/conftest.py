@@ -1,0 +1,81 @@
+"""Fixtures that start the real services: a Mosquitto broker and a SeaweedFS S3 gateway.
+
+Nothing is mocked. A missing binary FAILS the test with the install hint (CI installs
+them); it is never a skip.
+
+- ``mqtt_broker`` (session): a started :class:`MosquittoBroker`; its server user is
+  ``mqtt_broker.server_username`` / ``mqtt_broker.server_password``.
+- ``device_credentials`` (function): factory ``make(device_id=None) -> (username, password)``
+  adding a device user to the broker (removed again after the test).
+- ``seaweedfs`` (session): a started :class:`SeaweedS3`.
+- ``s3_store`` (session): an :class:`ObjectStore` on ``seaweedfs`` with its bucket created.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from server.stack import _proc
+from server.stack.errors import ServiceError
+from server.stack.mosquitto import MosquittoBroker
+from server.stack.seaweedfs import SeaweedS3
+
+
+@pytest.fixture(scope="session")
+def mqtt_broker() -> Iterator[MosquittoBroker]:
+    # Not under tmp_path_factory: pytest makes /tmp/pytest-of-<user> 0700, and Mosquitto
+    # started as root runs as the `mosquitto` user, which must reach its folder.
+    workdir = Path(tempfile.mkdtemp(prefix="edgeloop-mosquitto-"))
+    broker = MosquittoBroker(workdir)
+    try:
+        broker.start()
+    except ServiceError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        pytest.fail(f"cannot start the Mosquitto broker: {exc}", pytrace=False)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def device_credentials(mqtt_broker: MosquittoBroker) -> Iterator[Callable[..., tuple[str, str]]]:
+    created: list[str] = []
+
+    def make(device_id: str | None = None) -> tuple[str, str]:
+        username = device_id or f"dev-{uuid.uuid4().hex[:12]}"
+        password = _proc.random_secret()
+        mqtt_broker.add_user(username, password)
+        created.append(username)
+        return username, password
+
+    yield make
+    for username in created:
+        mqtt_broker.remove_user(username)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    s3 = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        s3.start()
+    except ServiceError as exc:
+        pytest.fail(f"cannot start SeaweedFS S3: {exc}", pytrace=False)
+    try:
+        yield s3
+    finally:
+        s3.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_store(seaweedfs: SeaweedS3):
+    store = seaweedfs.object_store("edgeloop-test")
+    store.ensure_bucket()
+    return store
