@@ -75,15 +75,19 @@ class SampleCollector:
 
     def consider(self, frame: Frame, detections: list[Detection], model_version: int | None) -> bool:
         reason = self.reason_for(frame, detections)
-        if reason is None or not self._within_budget():
+        if reason is None:
+            return False
+        # Idempotency key: the pixels, not the file name, so a re-read frame is not sent twice.
+        sample_id = hashlib.sha256(np.ascontiguousarray(frame.image).tobytes()).hexdigest()[:32]
+        # Check for a repeat before taking from the hourly budget: a frozen camera repeating one
+        # frame must not use up the budget that real samples need.
+        if self._spool.seen(sample_id) or not self._within_budget():
             return False
         ok, encoded = cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, self._quality])
         if not ok:
             return False
         data = encoded.tobytes()
         sha = hashlib.sha256(data).hexdigest()
-        # Idempotency key: the pixels, not the file name, so a re-read frame is not sent twice.
-        sample_id = hashlib.sha256(np.ascontiguousarray(frame.image).tobytes()).hexdigest()[:32]
         h, w = frame.image.shape[:2]
         meta = {
             "sha256": sha, "size_bytes": len(data), "width": w, "height": h, "reason": reason.value,

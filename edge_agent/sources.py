@@ -3,6 +3,7 @@ QA correction for that frame; other sources deliver frames without labels."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +37,13 @@ def read_yolo_labels(path: Path) -> list[tuple[int, float, float, float, float]]
             continue
         if len(parts) != 5:
             raise SourceError(f"{path}:{n}: expected 'class cx cy w h', got {line!r}")
-        boxes.append((int(parts[0]), *(float(p) for p in parts[1:])))
+        try:
+            cls, coords = int(parts[0]), tuple(float(p) for p in parts[1:])
+        except ValueError:
+            raise SourceError(f"{path}:{n}: expected an integer class and four numbers, got {line!r}") from None
+        if cls < 0 or not all(math.isfinite(v) for v in coords):
+            raise SourceError(f"{path}:{n}: negative class id or non-finite coordinate in {line!r}")
+        boxes.append((cls, *coords))
     return boxes
 
 
@@ -52,13 +59,18 @@ class FolderSource:
             images = sorted(p for p in self._folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not images:
                 raise SourceError(f"source folder {self._folder} holds no images")
+            yielded = False
             for path in images:
                 image = cv2.imread(str(path), cv2.IMREAD_COLOR)
                 if image is None:
                     continue  # a half-written or corrupt file: skip, the line keeps running
+                yielded = True
                 yield Frame(path.stem, image, read_yolo_labels(path.with_suffix(".txt")))
             if not self._loop:
                 return
+            if not yielded:
+                # Looping over a folder of only unreadable files would spin forever yielding nothing.
+                raise SourceError(f"source folder {self._folder} holds no readable images")
 
 
 class VideoSource:

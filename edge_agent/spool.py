@@ -93,7 +93,7 @@ class Spool:
     def _evict(self) -> None:
         total = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM items").fetchone()[0]
         while total > self._max_bytes:
-            row = self._db.execute("SELECT sample_id, file, size FROM items ORDER BY created LIMIT 1").fetchone()
+            row = self._db.execute("SELECT sample_id, file, size FROM items ORDER BY created, rowid LIMIT 1").fetchone()
             if row is None:
                 break
             self._db.execute("DELETE FROM items WHERE sample_id=?", (row[0],))
@@ -111,7 +111,9 @@ class Spool:
         with self._lock:
             row = self._db.execute(
                 "SELECT sample_id, file, content_type, meta, state, object_key, attempts FROM items "
-                "WHERE next_try <= ? ORDER BY created LIMIT 1", (now or time.time(),)
+                "WHERE next_try <= ? ORDER BY created, rowid LIMIT 1",
+                # ``now or ...`` would read an explicit now=0.0 as "use the clock".
+                (time.time() if now is None else now,),
             ).fetchone()
         if row is None:
             return None

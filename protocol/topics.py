@@ -13,7 +13,7 @@ TOPIC_ROOT = "edgeloop/v1/devices"
 
 # Device ids double as broker user names and object-key prefixes: keep them to a
 # conservative alphabet so they can never inject MQTT wildcards or path segments.
-_DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_DEVICE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
 class Channel(StrEnum):
@@ -51,7 +51,8 @@ class TopicError(ValueError):
 
 
 def validate_device_id(device_id: str) -> str:
-    if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
+    # fullmatch: with match(), ``$`` also accepts a trailing newline ("dev1\n").
+    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
         raise TopicError(
             f"invalid device id {device_id!r}: use 1-63 characters of a-z, 0-9, '-' and '_', "
             "starting with a letter or digit"
