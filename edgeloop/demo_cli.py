@@ -29,7 +29,10 @@ def demo(
     from edgeloop.demo import DemoConfig, DemoFailed, run_demo
 
     console = Console(stderr=True)
-    work = workdir or Path(tempfile.mkdtemp(prefix="edgeloop-demo-"))
+    work = workdir
+    if work is None:
+        work = Path(tempfile.mkdtemp(prefix="edgeloop-demo-"))
+        work.chmod(0o711)  # Mosquitto drops root and must be able to reach its folder inside
     config = DemoConfig(workdir=work, fast=fast, devices=devices, threshold=threshold, timeout_seconds=timeout)
     view = {"stages": {}, "current": "", "detail": "", "line": ""}
 

@@ -35,7 +35,8 @@ def run(spec: dict) -> dict:
 
     out_dir = Path(spec["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    ultralytics = offline_ultralytics(Path(spec["config_dir"]))
+    config_dir = Path(spec["config_dir"])
+    ultralytics = offline_ultralytics(config_dir)
     from training import yolo
 
     stages: dict[str, float] = {}
@@ -57,6 +58,8 @@ def run(spec: dict) -> dict:
         seed=int(spec["seed"]),
         lr0=spec.get("lr0"),
         on_epoch=on_epoch,
+        config_dir=config_dir,
+        **spec.get("train_args", {}),
     )
     stages["train"] = time.monotonic() - t0
 
@@ -64,16 +67,24 @@ def run(spec: dict) -> dict:
     t0 = time.monotonic()
     metrics: dict[str, dict] = {"candidate": {}, "production": {}}
     for name, data_yaml in spec["eval_sets"].items():
-        metrics["candidate"][name] = _metrics_dict(yolo.evaluate(trained.best_pt, data_yaml, imgsz))
+        metrics["candidate"][name] = _metrics_dict(
+            yolo.evaluate(trained.best_pt, data_yaml, imgsz, config_dir=config_dir)
+        )
         if spec.get("production_weights"):
-            metrics["production"][name] = _metrics_dict(yolo.evaluate(spec["production_weights"], data_yaml, imgsz))
-        emit("evaluated", eval_set=name, candidate=metrics["candidate"][name]["map50"],
-             production=metrics["production"].get(name, {}).get("map50"))
+            metrics["production"][name] = _metrics_dict(
+                yolo.evaluate(spec["production_weights"], data_yaml, imgsz, config_dir=config_dir)
+            )
+        emit(
+            "evaluated",
+            eval_set=name,
+            candidate=metrics["candidate"][name]["map50"],
+            production=metrics["production"].get(name, {}).get("map50"),
+        )
     stages["evaluate"] = time.monotonic() - t0
 
     emit("stage", stage="export", status="started")
     t0 = time.monotonic()
-    onnx_path = yolo.export_onnx(trained.best_pt, imgsz, out_dir / "model.onnx")
+    onnx_path = yolo.export_onnx(trained.best_pt, imgsz, out_dir / "model.onnx", config_dir=config_dir)
     stages["export"] = time.monotonic() - t0
 
     result = {

