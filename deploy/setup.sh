@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets edgeloop up on a fresh Debian/Ubuntu machine:
-#   - Debian's mosquitto (the broker the stack and tests start on free ports);
+#   - Debian's mosquitto and postgresql (binaries only: the stack and the tests start their
+#     own instances on free ports);
 #   - a Python virtual environment with every extra (server, training, dev), cached
 #     OUTSIDE the clone and keyed by the dependency files, so torch is installed once;
 #   - this clone installed into it in editable mode, and ./.venv pointing at it.
@@ -14,6 +15,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v mosquitto_passwd >/dev/null 2>&1 || missing+=(mosquitto-clients)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} from Debian"
   $SUDO apt-get update -qq
@@ -26,7 +28,8 @@ import sys
 sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
-key="$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -c1-16)"
+# Keyed by the dependency file: a new clone of the same dependencies reuses the environment.
+key="$(sha256sum pyproject.toml | cut -c1-16)"
 cache="${EDGELOOP_VENV_CACHE:-$HOME/.cache/edgeloop/venvs}"
 venv="$cache/$key"
 if [ ! -f "$venv/.complete" ]; then

@@ -13,6 +13,7 @@ them); it is never a skip.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -79,3 +80,23 @@ def s3_store(seaweedfs: SeaweedS3):
     store = seaweedfs.object_store("edgeloop-test")
     store.ensure_bucket()
     return store
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL cluster of our own on a free port; yields its SQLAlchemy URL."""
+    from server.stack.postgres import PostgresServer
+
+    workdir = Path(tempfile.mkdtemp(prefix="edgeloop-postgres-"))
+    os.chmod(workdir, 0o755)
+    server = PostgresServer(workdir / "pg")
+    try:
+        server.start()
+    except ServiceError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        pytest.fail(f"cannot start PostgreSQL: {exc}", pytrace=False)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

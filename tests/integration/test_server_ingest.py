@@ -26,10 +26,26 @@ pytestmark = pytest.mark.integration
 ADMIN = "test-admin-token-" + uuid.uuid4().hex
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'edgeloop.db'}"
+    base = request.getfixturevalue("postgres")
+    # A fresh database per test on the session's cluster.
+    import sqlalchemy
+
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    engine = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return base.rsplit("/", 1)[0] + "/" + name
+
+
 @pytest.fixture
-def server(mqtt_broker, seaweedfs, tmp_path):
+def server(mqtt_broker, seaweedfs, tmp_path, database_url):
     settings = ServerSettings(
-        data_dir=tmp_path / "server",
+        data_dir=tmp_path / "server", database_url=database_url,
         mqtt_host=mqtt_broker.host, mqtt_port=mqtt_broker.port,
         mqtt_username=mqtt_broker.server_username, mqtt_password=mqtt_broker.server_password,
         mqtt_password_file=mqtt_broker.password_file, mqtt_broker_pid_file=mqtt_broker.pid_file,

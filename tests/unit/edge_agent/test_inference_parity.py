@@ -8,6 +8,7 @@ package and on synthetic frames of odd sizes.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -35,7 +36,8 @@ def _ultralytics_offline() -> None:
     """Ultralytics must never touch ~/.config or the network; set this up before importing it."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     if "YOLO_CONFIG_DIR" not in os.environ:
-        os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="edgeloop-yolo-cfg-")
+        os.environ["YOLO_CONFIG_DIR"] = cfg = tempfile.mkdtemp(prefix="edgeloop-yolo-cfg-")
+        atexit.register(shutil.rmtree, cfg, ignore_errors=True)
     font_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
     font_dir.mkdir(parents=True, exist_ok=True)
     if not (font_dir / "Arial.ttf").exists():
