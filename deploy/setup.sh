@@ -42,7 +42,9 @@ if [ ! -f "$venv/.complete" ]; then
   # sure the headless build is the one left standing.
   "$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps \
     "opencv-python-headless==$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("opencv-python-headless"))')"
-  "$venv/bin/python" -c "import cv2, torch, ultralytics, onnxruntime, fastapi, paho.mqtt" \
+  # (Ultralytics writes its settings on import: keep them inside the environment.)
+  YOLO_OFFLINE=1 YOLO_CONFIG_DIR="$venv/ultralytics-config" \
+    "$venv/bin/python" -c "import cv2, torch, ultralytics, onnxruntime, fastapi, paho.mqtt" \
     || { echo "setup: the environment does not import cleanly" >&2; exit 1; }
   touch "$venv/.complete"
 fi
