@@ -39,7 +39,7 @@ class DemoConfig:
     def resolved(self) -> dict:
         """The knobs --fast shrinks: threshold, image size (via the seed profile), epochs, frames."""
         fast = self.fast
-        threshold = self.threshold or (150 if fast else 1000)
+        threshold = self.threshold or (250 if fast else 1000)
         return {
             "profile": "fast" if fast else "full",
             "threshold": threshold,

@@ -16,7 +16,7 @@ app = typer.Typer()
 def demo(
     fast: bool = typer.Option(False, "--fast", help="Smaller threshold, image size and epochs: minutes on 2 cores."),
     devices: int = typer.Option(3, min=1, max=32, help="How many edge agents to run."),
-    threshold: int = typer.Option(None, min=10, help="Samples that trigger the retrain (default 1000, --fast 150)."),
+    threshold: int = typer.Option(None, min=10, help="Samples that trigger the retrain (default 1000, --fast 250)."),
     workdir: Path = typer.Option(None, help="Where services, agents and logs live (default: a temp folder)."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
     timeout: float = typer.Option(3600.0, help="Give up on any one stage after this many seconds."),

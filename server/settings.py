@@ -15,8 +15,11 @@ class TrainingPolicy(BaseSettings):
 
     imgsz: int = Field(160, ge=32, le=1280)
     epochs: int = Field(10, ge=1, le=1000)
-    batch: int = Field(16, ge=1, le=512)
+    batch: int = Field(32, ge=1, le=512)
+    # AdamW at a small lr0 with a short warm-up: 8 epochs on ~240 shifted frames + 1:1 replay
+    # took shifted mAP50 0.001 -> 0.96 while golden stayed 0.96 (fast profile, 2 CPU cores).
     lr0: float = Field(0.002, gt=0, le=1)
+    warmup_epochs: float = Field(1.0, ge=0, le=10)
     seed: int = 0
     # Share of new samples held out as the new-data validation split.
     val_fraction: float = Field(0.2, ge=0.05, le=0.5)

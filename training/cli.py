@@ -22,6 +22,13 @@ data_app = typer.Typer(
 console = Console()
 
 
+@data_app.callback()
+def _data() -> None:
+    """Synthetic factory data: datasets, edge-agent frames, scenarios of domain shift."""
+    # A callback keeps ``data`` a command group even with a single command, so ``data synth``
+    # is the same whether this app runs alone or mounted under the root CLI.
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),

@@ -56,7 +56,7 @@ PROFILES: dict[str, Profile] = {
         imgsz=160,
         n_train=800,
         n_val=100,
-        epochs=15,
+        epochs=10,
         batch=32,
     ),
     # Higher resolution, more data and epochs: for a GPU node or a patient demo.

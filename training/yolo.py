@@ -36,6 +36,7 @@ _RECORDED = (
     "momentum",
     "weight_decay",
     "warmup_epochs",
+    "warmup_bias_lr",
     "close_mosaic",
     "mosaic",
     "mixup",
@@ -174,7 +175,7 @@ def train(
                 losses["val_map50"] = _f(metrics["metrics/mAP50(B)"])
                 losses["val_map50_95"] = _f(metrics.get("metrics/mAP50-95(B)", 0.0))
             epoch = trainer.epoch + 1
-            if epoch <= reported[0]:
+            if epoch <= reported[0] or epoch > trainer.epochs:
                 return  # the final validation of best.pt fires this event a second time
             reported[0] = epoch
             on_epoch(epoch, trainer.epochs, losses, time.monotonic() - started)

@@ -36,6 +36,7 @@ class LocalSubprocessExecutor:
             assert proc.stdout is not None
             for line in proc.stdout:
                 log_file.write(line)
+                log_file.flush()  # readable while the job runs
                 if not line.startswith("{"):
                     continue
                 try:
