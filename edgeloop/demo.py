@@ -46,7 +46,7 @@ class DemoConfig:
             # Frames each device owns: enough distinct shifted frames to cross the threshold.
             "frames_per_device": self.frames_per_device or max(120, int(threshold * 1.6 / self.devices) + 40),
             "max_fps": self.max_fps if self.max_fps is not None else (6.0 if fast else 10.0),
-            "retrain_epochs": self.retrain_epochs or (8 if fast else 20),
+            "retrain_epochs": self.retrain_epochs or (8 if fast else 12),
             "shadow_frames": self.shadow_frames or (20 if fast else 100),
         }
 

@@ -14,18 +14,21 @@ class TrainingPolicy(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGELOOP_TRAIN_", extra="ignore")
 
     imgsz: int = Field(160, ge=32, le=1280)
-    epochs: int = Field(10, ge=1, le=1000)
+    # Recipe measured on the synthetic line_b shift (fast profile, 2 CPU cores, three seeds):
+    # SGD lr0 0.01, 8 epochs, 1 warm-up epoch, 2 replayed base images per new one took line_b
+    # mAP50 0.001 -> 0.98-0.99 while golden mAP50 rose 0.969 -> 0.98-0.99, in ~80 s.
+    epochs: int = Field(8, ge=1, le=1000)
     batch: int = Field(32, ge=1, le=512)
-    # AdamW at a small lr0 with a short warm-up: 8 epochs on ~240 shifted frames + 1:1 replay
-    # took shifted mAP50 0.001 -> 0.96 while golden stayed 0.96 (fast profile, 2 CPU cores).
-    lr0: float = Field(0.002, gt=0, le=1)
+    optimizer: str = "SGD"
+    lr0: float = Field(0.01, gt=0, le=1)
     warmup_epochs: float = Field(1.0, ge=0, le=10)
+    warmup_bias_lr: float = Field(0.0, ge=0, le=1)
     seed: int = 0
     # Share of new samples held out as the new-data validation split.
-    val_fraction: float = Field(0.2, ge=0.05, le=0.5)
+    val_fraction: float = Field(0.15, ge=0.05, le=0.5)
     # Base-data images replayed beside the new samples, as a multiple of the new ones,
     # so that fine-tuning does not forget what the golden set measures.
-    replay_ratio: float = Field(1.0, ge=0, le=10)
+    replay_ratio: float = Field(2.0, ge=0, le=10)
     # Gate: candidate golden mAP50-95 must be >= production - tolerance.
     golden_tolerance: float = Field(0.0, ge=0, le=1)
     # Gate: the candidate must beat production on the new-data split by at least this.

@@ -1,8 +1,8 @@
 """Fine-tune a deployed model on collected (corrected) frames plus a replay of its training data.
 
-The recipe measured on 2 CPU cores (see ``FINETUNE_DEFAULTS``): a few hundred frames of the
-shifted line, mixed 1:1 with frames replayed from the seed model's ``base`` training set so the
-golden-set accuracy does not drop, a few epochs at a small learning rate.
+The recipe measured on 2 CPU cores (see :class:`FineTuneParams`): a few hundred frames of the
+shifted line, mixed with twice as many frames replayed from the seed model's ``base`` training
+set so the golden-set accuracy does not drop, 8 epochs of SGD (lr0 0.01) without bias warm-up.
 
 Collected frames are image files with a sibling YOLO ``.txt`` label (what an edge agent's folder
 source holds, or what the server snapshots from its object store); the replay comes from a YOLO
@@ -25,17 +25,29 @@ _IMG_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 @dataclass(frozen=True)
 class FineTuneParams:
-    epochs: int = 6
-    lr0: float = 0.001
-    optimizer: str = "AdamW"
-    #: Replayed base images per collected image.
-    replay_ratio: float = 1.0
+    """Fine-tune recipe. Defaults measured on 2 CPU cores, fast profile (imgsz 160), default shift:
+    ~200 collected frames + 2x replay, 8 epochs ≈ 80 s; over three seeds the shifted mAP50 went
+    0.001 → 0.98-0.99 and the golden mAP50 0.969 → 0.98-0.99.
+
+    AdamW (lr0 0.002) adapted as fast but was unstable (golden mAP50 -0.01 to -0.12 depending on
+    the seed); freezing the backbone (freeze=10) kept the new look from being learnt (0.33);
+    1:1 replay left one seed 0.04 below the seed model on the golden set.
+    """
+
+    epochs: int = 8
+    optimizer: str = "SGD"
+    lr0: float = 0.01
+    #: Replayed base images per collected training image.
+    replay_ratio: float = 2.0
     #: Fraction of the collected frames held out for validation (model selection).
     val_fraction: float = 0.15
     #: Freeze the first N modules of the network (None: train all).
     freeze: int | None = None
     batch: int = 32
     warmup_epochs: float = 1.0
+    #: Ultralytics warms biases down from 0.1 by default, a jolt to an already-trained head. Every
+    #: measured SGD run used 0.0; its effect alone was not isolated.
+    warmup_bias_lr: float = 0.0
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,7 +125,7 @@ def finetune(
     """Fine-tune ``weights`` on ``data_yaml`` with ``params``; returns :class:`training.yolo.TrainResult`."""
     from training import yolo
 
-    args: dict[str, Any] = {"warmup_epochs": params.warmup_epochs}
+    args: dict[str, Any] = {"warmup_epochs": params.warmup_epochs, "warmup_bias_lr": params.warmup_bias_lr}
     args.update(overrides)
     return yolo.train(
         data_yaml,

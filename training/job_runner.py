@@ -57,6 +57,7 @@ def run(spec: dict) -> dict:
         batch=int(spec["batch"]),
         seed=int(spec["seed"]),
         lr0=spec.get("lr0"),
+        optimizer=spec.get("optimizer"),
         on_epoch=on_epoch,
         config_dir=config_dir,
         **spec.get("train_args", {}),

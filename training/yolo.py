@@ -118,8 +118,9 @@ def train(
     """Train ``model`` (a ``*.yaml`` architecture, i.e. from scratch, or a local ``.pt``) on ``data_yaml``.
 
     Writes Ultralytics' run into ``out_dir`` (``weights/best.pt``, ``weights/last.pt``,
-    ``args.yaml``, ``results.csv``). ``lr0`` without ``optimizer`` selects AdamW (Ultralytics'
-    ``optimizer=auto`` would ignore lr0). ``overrides`` go to Ultralytics as they are.
+    ``args.yaml``, ``results.csv``). ``lr0`` without ``optimizer`` selects SGD (Ultralytics'
+    ``optimizer=auto`` would ignore lr0). ``overrides`` go to Ultralytics as they are. For
+    fine-tuning a trained model see :mod:`training.finetune` (SGD lr0 0.01, warmup_bias_lr 0).
     """
     model_ref = str(model)
     if not model_ref.endswith((".yaml", ".yml")) and not Path(model_ref).is_file():
@@ -152,7 +153,7 @@ def train(
     }
     if lr0 is not None:
         args["lr0"] = lr0
-        args["optimizer"] = optimizer or "AdamW"
+        args["optimizer"] = optimizer or "SGD"
     elif optimizer is not None:
         args["optimizer"] = optimizer
     if freeze is not None:
