@@ -211,7 +211,7 @@ class RetrainRunner:
         with self._stage(job_id, "bundle"):
             bundle_path, bundle_sha, bundle_size = self._publisher.build(
                 onnx=Path(result["onnx"]), version=version, out=work / "bundle.tar", imgsz=policy.imgsz,
-                lineage={"snapshot_id": snapshot.id, "parent_version": prod_version, "job_id": job_id,
+                lineage={"snapshot_id": snapshot.id, "parent_version": prod_version, "job_id": str(job_id),
                          "model_name": s.model_name},
                 metrics={f"{k}.{m}": v[m] for k, v in candidate.items() for m in ("map50", "map50_95")},
             )
