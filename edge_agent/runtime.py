@@ -186,9 +186,10 @@ class Agent:
                                        active_version=self.active_version, candidate_version=rec.version,
                                        window=0, **report))
         self._end_shadow()
-        if report["errors"] > self.settings.shadow_max_errors:
+        failure = shadow_gate_failure(report, self.settings.shadow_max_errors, self.settings.shadow_accuracy_tolerance)
+        if failure:
             self.updater.discard_candidate()
-            self.updater.transition(Event.SHADOW_FAILED, f"{report['errors']} candidate errors in shadow")
+            self.updater.transition(Event.SHADOW_FAILED, f"{failure} ({_describe(report)})")
             return
         self.updater.transition(Event.SHADOW_PASSED, _describe(report))
 
@@ -270,6 +271,17 @@ class Agent:
         self.mqtt.stop()
         self._bg.shutdown(wait=False, cancel_futures=True)
         self.spool.close()
+
+
+def shadow_gate_failure(report: dict, max_errors: int, accuracy_tolerance: float) -> str:
+    """The device's own gate on a shadow window; '' when it passes."""
+    if report["errors"] > max_errors:
+        return f"{report['errors']} candidate errors in shadow (at most {max_errors} allowed)"
+    active, candidate = report["active_accuracy"], report["candidate_accuracy"]
+    if active is not None and candidate is not None and candidate < active - accuracy_tolerance:
+        return (f"candidate accuracy {candidate:.2f} is below the active model's {active:.2f} "
+                f"on {report['corrected_frames']} corrected frames")
+    return ""
 
 
 def _describe(report: dict) -> str:

@@ -49,6 +49,8 @@ class AgentSettings(BaseSettings):
     keep_versions: int = Field(3, ge=1)
     shadow_queue: int = Field(8, ge=1)
     shadow_max_errors: int = Field(0, ge=0)
+    # On frames with a QA correction the candidate may not be less accurate than this.
+    shadow_accuracy_tolerance: float = Field(0.0, ge=0, le=1)
 
     heartbeat_seconds: float = Field(5.0, gt=0)
 
