@@ -5,7 +5,7 @@ A bundle is one uncompressed tar: ``manifest.json`` (canonical JSON), ``manifest
 for the layout and ``verify`` for the order of checks.
 """
 
-from firmware_bundles.archive import FILES_PREFIX, MANIFEST_NAME, SIGNATURE_NAME
+from firmware_bundles.archive import FILES_PREFIX, MANIFEST_NAME, SIGNATURE_NAME, sha256_file
 from firmware_bundles.build import build_bundle, infer_role, sign_manifest
 from firmware_bundles.errors import (
     BundleDigestMismatch,
@@ -99,6 +99,7 @@ __all__ = [
     "load_public_key",
     "save_private_key",
     "save_public_key",
+    "sha256_file",
     "sign_bundle",
     "sign_manifest",
     "unpack_bundle",

@@ -68,6 +68,12 @@ def hash_stream(source: BinaryIO) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 hex of a file, read in chunks."""
+    with open(path, "rb") as fh:
+        return hash_stream(fh)[0]
+
+
 def write_archive(
     out_path: str | os.PathLike[str],
     manifest_bytes: bytes,

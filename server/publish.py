@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,6 +13,7 @@ from firmware_bundles import (
     load_private_key,
     save_private_key,
     save_public_key,
+    sha256_file,
 )
 from server import audit, registry
 from server.db.models import ModelVersion
@@ -33,13 +33,6 @@ def public_key_path(private_path: Path) -> Path:
     return private_path.with_name(private_path.stem + ".pub.pem")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 class ModelPublisher:
     def __init__(self, sessions: sessionmaker[Session], store, private_key, model_name: str,
@@ -57,7 +50,7 @@ class ModelPublisher:
             class_names=self._class_names, input_spec=imgsz, private_key=self._key,
             lineage=Lineage(**lineage), metrics=metrics,
         )
-        return out, _sha256_file(out), out.stat().st_size
+        return out, sha256_file(out), out.stat().st_size
 
     def upload(self, version: int, *, pt: Path, onnx: Path, bundle: Path) -> dict[str, str]:
         keys = {

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from firmware_bundles import sha256_file
 from training import synth
 
 #: First frame index of golden sets; agents stream from 0 and training sets use low ranges.
@@ -47,13 +48,6 @@ class GoldenSet:
     def images_dir(self) -> Path:
         return self.root / "images" / "val"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def set_version(kind: str, scenario: str, seed: int, n: int, imgsz: int, index_start: int) -> str:
@@ -96,7 +90,7 @@ def verify_manifest(root: Path) -> bool:
         return False
     for rel, digest in files.items():
         p = root / rel
-        if not p.is_file() or _sha256(p) != digest:
+        if not p.is_file() or sha256_file(p) != digest:
             return False
     return True
 
@@ -125,7 +119,7 @@ def _build(
                 (lbl_dir / f"{stem}.txt").write_text(synth.format_labels(labels))
             for p in sorted(tmp.rglob("*")):
                 if p.is_file():
-                    files[p.relative_to(tmp).as_posix()] = _sha256(p)
+                    files[p.relative_to(tmp).as_posix()] = sha256_file(p)
             content = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
             manifest = {
                 "version": version,

@@ -3,7 +3,6 @@ the switch. Every transition is persisted first, then reported on the ``update``
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import threading
 from collections.abc import Callable
@@ -15,7 +14,7 @@ import structlog
 from edge_agent.ota.record import UpdateRecord, load_record, save_record
 from edge_agent.ota.slots import ModelSlots
 from edge_agent.ota.states import MAX_ENTRIES_PER_STATE, RESTING, Event, State, next_state
-from firmware_bundles import BundleError, TrustStore, unpack_bundle
+from firmware_bundles import BundleError, TrustStore, sha256_file, unpack_bundle
 from protocol.messages import DeployCommand, UpdateEvent
 
 log = structlog.get_logger(__name__)
@@ -24,13 +23,6 @@ log = structlog.get_logger(__name__)
 class UpdateError(RuntimeError):
     pass
 
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Updater:
@@ -135,7 +127,7 @@ class Updater:
                         out.write(chunk)
         if part.stat().st_size != rec.bundle_size:
             raise UpdateError(f"bundle download incomplete: {part.stat().st_size} of {rec.bundle_size} bytes")
-        digest = _sha256_file(part)
+        digest = sha256_file(part)
         if digest != rec.bundle_sha256:
             part.unlink()
             raise UpdateError(f"bundle sha256 {digest[:12]}… does not match the command's {rec.bundle_sha256[:12]}…")

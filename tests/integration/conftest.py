@@ -100,3 +100,22 @@ def postgres() -> Iterator[str]:
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def tiny_onnx(tmp_path: Path) -> Callable[[str], Path]:
+    """Writes a minimal valid ONNX model (an Identity on a 1x3x32x32 input) and returns its path."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def make(name: str = "model.onnx") -> Path:
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["images"], ["output0"])], "tiny",
+            [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
+            [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 3, 32, 32])],
+        )
+        path = tmp_path / name
+        onnx.save(helper.make_model(graph), path)
+        return path
+
+    return make

@@ -6,12 +6,9 @@ from __future__ import annotations
 import hashlib
 import uuid
 from datetime import timedelta
-from pathlib import Path
 
 import httpx
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from edge_agent.ota.slots import ModelSlots
 from edge_agent.ota.states import State
@@ -22,15 +19,6 @@ from protocol.messages import DeployCommand
 pytestmark = pytest.mark.integration
 
 
-def _tiny_onnx(path: Path) -> Path:
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["images"], ["output0"])], "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
-        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 3, 32, 32])],
-    )
-    onnx.save(helper.make_model(graph), path)
-    return path
-
 
 @pytest.fixture
 def signer():
@@ -38,10 +26,10 @@ def signer():
 
 
 @pytest.fixture
-def publish_bundle(s3_store, signer, tmp_path):
+def publish_bundle(s3_store, signer, tmp_path, tiny_onnx):
     def publish(version: int, key=None, tamper: bool = False) -> DeployCommand:
         out = tmp_path / f"bundle-{version}-{uuid.uuid4().hex[:6]}.tar"
-        build_bundle(out, {"model.onnx": _tiny_onnx(tmp_path / "m.onnx")}, private_key=key or signer,
+        build_bundle(out, {"model.onnx": tiny_onnx("m.onnx")}, private_key=key or signer,
                      model_name="test", version=version, class_names=["a", "b", "c"], input_spec=32)
         data = out.read_bytes()
         sha = hashlib.sha256(data).hexdigest()

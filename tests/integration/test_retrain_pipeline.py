@@ -12,10 +12,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
 import pytest
 import yaml
-from onnx import TensorProto, helper
 
 from firmware_bundles import TrustStore, load_public_key, verify_bundle
 from server import registry
@@ -32,21 +30,12 @@ GOOD = {"golden": {"map50": 0.97, "map50_95": 0.70}, "new_data": {"map50": 0.95,
 PROD = {"golden": {"map50": 0.96, "map50_95": 0.59}, "new_data": {"map50": 0.01, "map50_95": 0.00}}
 
 
-def _tiny_onnx(path: Path) -> Path:
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["images"], ["output0"])], "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
-        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 3, 32, 32])],
-    )
-    onnx.save(helper.make_model(graph), path)
-    return path
-
 
 class StandInExecutor:
     """Implements the executor interface; records the spec and returns chosen metrics."""
 
-    def __init__(self, tmp: Path, candidate: dict | None, production: dict = PROD) -> None:
-        self.tmp, self.candidate, self.production = tmp, candidate, production
+    def __init__(self, onnx_path: Path, candidate: dict | None, production: dict = PROD) -> None:
+        self.onnx_path, self.candidate, self.production = onnx_path, candidate, production
         self.spec: dict | None = None
 
     def run(self, spec: dict, work_dir: Path, on_event) -> dict:
@@ -57,7 +46,7 @@ class StandInExecutor:
         out = Path(spec["out_dir"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "best.pt").write_bytes(b"weights")
-        onnx_path = _tiny_onnx(out / "model.onnx")
+        onnx_path = self.onnx_path
         metrics = {"candidate": {k: dict(v, precision=0.9, recall=0.9, per_class={}) for k, v in self.candidate.items()},
                    "production": {k: dict(v, precision=0.5, recall=0.5, per_class={}) for k, v in self.production.items()}}
         return {"best_pt": str(out / "best.pt"), "onnx": str(onnx_path), "metrics": metrics,
@@ -67,7 +56,7 @@ class StandInExecutor:
 
 
 @pytest.fixture
-def ctx(seaweedfs, tmp_path):
+def ctx(seaweedfs, tmp_path, tiny_onnx):
     replay = tmp_path / "replay"
     (replay / "images" / "train").mkdir(parents=True)
     for i in range(10):
@@ -81,7 +70,7 @@ def ctx(seaweedfs, tmp_path):
         class_names=["a", "b", "c"],
     )
     context = build_context(settings, connect_mqtt=False)
-    seed_onnx = _tiny_onnx(tmp_path / "seed.onnx")
+    seed_onnx = tiny_onnx("seed.onnx")
     (tmp_path / "seed.pt").write_bytes(b"seed weights")
     work = tmp_path / "register"
     work.mkdir()
@@ -117,9 +106,9 @@ def _run(ctx, executor) -> tuple[TrainingJob, list[int]]:
         return session.get(TrainingJob, job_id), promoted
 
 
-def test_passing_candidate_is_bundled_signed_registered_and_promoted(ctx, tmp_path):
+def test_passing_candidate_is_bundled_signed_registered_and_promoted(ctx, tmp_path, tiny_onnx):
     _add_samples(ctx, 20)
-    executor = StandInExecutor(tmp_path, GOOD)
+    executor = StandInExecutor(tiny_onnx("candidate.onnx"), GOOD)
     job, promoted = _run(ctx, executor)
     assert job.status == "succeeded", job.log
     assert promoted == [2]
@@ -149,10 +138,10 @@ def test_passing_candidate_is_bundled_signed_registered_and_promoted(ctx, tmp_pa
     assert verified.lineage.parent_version == 1
 
 
-def test_candidate_worse_on_golden_is_kept_as_rejected_with_reason(ctx, tmp_path):
+def test_candidate_worse_on_golden_is_kept_as_rejected_with_reason(ctx, tmp_path, tiny_onnx):
     _add_samples(ctx, 10)
     worse = {"golden": {"map50": 0.80, "map50_95": 0.45}, "new_data": {"map50": 0.95, "map50_95": 0.60}}
-    job, promoted = _run(ctx, StandInExecutor(tmp_path, worse))
+    job, promoted = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), worse))
     assert job.status == "rejected" and promoted == []
     with ctx.sessions() as session:
         mv = session.get(ModelVersion, 2)
@@ -161,15 +150,15 @@ def test_candidate_worse_on_golden_is_kept_as_rejected_with_reason(ctx, tmp_path
         assert registry.production(session).version == 1
 
 
-def test_job_without_new_samples_fails_with_reason(ctx, tmp_path):
-    job, _ = _run(ctx, StandInExecutor(tmp_path, GOOD))
+def test_job_without_new_samples_fails_with_reason(ctx, tmp_path, tiny_onnx):
+    job, _ = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), GOOD))
     assert job.status == "failed"
     assert "no new validated, labeled samples" in job.result["error"]
 
 
-def test_executor_failure_is_recorded_and_production_unchanged(ctx, tmp_path):
+def test_executor_failure_is_recorded_and_production_unchanged(ctx, tmp_path, tiny_onnx):
     _add_samples(ctx, 5)
-    job, promoted = _run(ctx, StandInExecutor(tmp_path, None))
+    job, promoted = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), None))
     assert job.status == "failed" and "out of memory" in job.result["error"] and promoted == []
     with ctx.sessions() as session:
         assert registry.production(session).version == 1

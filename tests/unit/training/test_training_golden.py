@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from firmware_bundles import sha256_file
 from training import golden, synth
 
 
@@ -24,7 +25,7 @@ def test_golden_set_is_versioned_and_reproducible(tmp_path: Path) -> None:
     assert len(images) == 12 and len(labels) == 12
     assert golden.verify_manifest(g.root)
     for rel, digest in manifest["files"].items():
-        assert golden._sha256(g.root / rel) == digest
+        assert sha256_file(g.root / rel) == digest
 
     cfg = yaml.safe_load(g.data_yaml.read_text())
     assert cfg["val"] == [str(g.images_dir)]
