@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.finetune import FINETUNE_DEFAULTS
+
 
 class TrainingPolicy(BaseSettings):
     """How a retrain fine-tunes, evaluates and gates a candidate."""
@@ -14,21 +16,27 @@ class TrainingPolicy(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGELOOP_TRAIN_", extra="ignore")
 
     imgsz: int = Field(160, ge=32, le=1280)
-    # Recipe measured on the synthetic line_b shift (fast profile, 2 CPU cores, three seeds):
-    # SGD lr0 0.01, 8 epochs, 1 warm-up epoch, 2 replayed base images per new one took line_b
-    # mAP50 0.001 -> 0.98-0.99 while golden mAP50 rose 0.969 -> 0.98-0.99, in ~80 s.
-    epochs: int = Field(8, ge=1, le=1000)
-    batch: int = Field(32, ge=1, le=512)
-    optimizer: str = "SGD"
-    lr0: float = Field(0.01, gt=0, le=1)
-    warmup_epochs: float = Field(1.0, ge=0, le=10)
-    warmup_bias_lr: float = Field(0.0, ge=0, le=1)
-    seed: int = 0
+    # The fine-tune recipe's defaults are training.finetune's measured ones (its docstring has
+    # the figures); each can be overridden here, e.g. EDGELOOP_TRAIN_EPOCHS.
+    epochs: int = Field(FINETUNE_DEFAULTS.epochs, ge=1, le=1000)
+    batch: int = Field(FINETUNE_DEFAULTS.batch, ge=1, le=512)
+    optimizer: str = FINETUNE_DEFAULTS.optimizer
+    lr0: float = Field(FINETUNE_DEFAULTS.lr0, gt=0, le=1)
+    warmup_epochs: float = Field(FINETUNE_DEFAULTS.warmup_epochs, ge=0, le=10)
+    warmup_bias_lr: float = Field(FINETUNE_DEFAULTS.warmup_bias_lr, ge=0, le=1)
+    seed: int = FINETUNE_DEFAULTS.seed
     # Share of new samples held out as the new-data validation split.
-    val_fraction: float = Field(0.15, ge=0.05, le=0.5)
+    val_fraction: float = Field(FINETUNE_DEFAULTS.val_fraction, ge=0.05, le=0.5)
     # Base-data images replayed beside the new samples, as a multiple of the new ones,
     # so that fine-tuning does not forget what the golden set measures.
-    replay_ratio: float = Field(2.0, ge=0, le=10)
+    replay_ratio: float = Field(FINETUNE_DEFAULTS.replay_ratio, ge=0, le=10)
+
+    def finetune_params(self) -> dict:
+        """The recipe as training.finetune.FineTuneParams fields, for the job spec."""
+        return {"epochs": self.epochs, "batch": self.batch, "optimizer": self.optimizer, "lr0": self.lr0,
+                "warmup_epochs": self.warmup_epochs, "warmup_bias_lr": self.warmup_bias_lr, "seed": self.seed,
+                "val_fraction": self.val_fraction, "replay_ratio": self.replay_ratio}
+
     # Gate: candidate golden mAP50-95 must be >= production - tolerance.
     golden_tolerance: float = Field(0.0, ge=0, le=1)
     # Gate: the candidate must beat production on the new-data split by at least this.

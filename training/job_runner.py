@@ -48,19 +48,16 @@ def run(spec: dict) -> dict:
     def on_epoch(epoch: int, epochs: int, losses: dict, seconds: float) -> None:
         emit("epoch", epoch=epoch, epochs=epochs, losses=losses, seconds=seconds)
 
-    trained = yolo.train(
+    from training.finetune import FineTuneParams, finetune
+
+    trained = finetune(
+        spec["base_weights"],
         spec["data_yaml"],
         out_dir / "train",
-        model=spec["base_weights"],
-        epochs=int(spec["epochs"]),
         imgsz=imgsz,
-        batch=int(spec["batch"]),
-        seed=int(spec["seed"]),
-        lr0=spec.get("lr0"),
-        optimizer=spec.get("optimizer"),
+        params=FineTuneParams(**spec["finetune"]),
         on_epoch=on_epoch,
         config_dir=config_dir,
-        **spec.get("train_args", {}),
     )
     stages["train"] = time.monotonic() - t0
 

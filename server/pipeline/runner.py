@@ -158,10 +158,8 @@ class RetrainRunner:
         eval_sets.update({k: str(v) for k, v in s.eval_sets.items() if k != "golden"})
         spec = {
             "base_weights": str(prod_pt), "data_yaml": str(data_yaml), "out_dir": str(work / "out"),
-            "epochs": policy.epochs, "imgsz": policy.imgsz, "batch": policy.batch, "lr0": policy.lr0,
-            "seed": policy.seed, "optimizer": policy.optimizer,
-            "train_args": {"warmup_epochs": policy.warmup_epochs, "warmup_bias_lr": policy.warmup_bias_lr}, "eval_sets": eval_sets, "production_weights": str(prod_pt),
-            "config_dir": str((s.data_dir / "ultralytics").resolve()),
+            "imgsz": policy.imgsz, "finetune": policy.finetune_params(), "eval_sets": eval_sets,
+            "production_weights": str(prod_pt), "config_dir": str((s.data_dir / "ultralytics").resolve()),
         }
 
         def on_event(event: dict) -> None:

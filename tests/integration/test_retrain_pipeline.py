@@ -51,7 +51,7 @@ class StandInExecutor:
                    "production": {k: dict(v, precision=0.5, recall=0.5, per_class={}) for k, v in self.production.items()}}
         return {"best_pt": str(out / "best.pt"), "onnx": str(onnx_path), "metrics": metrics,
                 "stages": {"train": 1.0, "evaluate": 0.5, "export": 0.1},
-                "hyperparameters": {"epochs": spec["epochs"], "lr0": spec["lr0"]},
+                "hyperparameters": dict(spec["finetune"]),
                 "environment": {"python": "3.11", "ultralytics": "stand-in"}}
 
 
