@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +27,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="slow: trains real models; run with --run-slow"))
         if "gpu" in item.keywords and not gpu:
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU (no nvidia-smi / /dev/nvidia0 here)"))
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    """The demo's cache (EDGELOOP_CACHE_DIR, else ~/.cache/edgeloop): seed models train once per machine."""
+    from edgeloop.paths import cache_dir
+
+    path = cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ultralytics_offline(model_cache: Path):
+    """Ultralytics imported once per test process, offline, with its state in the cache."""
+    from training.ultralytics_env import offline_ultralytics
+
+    return offline_ultralytics(model_cache / "ultralytics")

@@ -8,10 +8,7 @@ package and on synthetic frames of odd sizes.
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -31,20 +28,6 @@ CLASSES = ("rectangle", "circle", "triangle")
 EPOCHS = 20
 N_TRAIN, N_VAL = 60, 12
 
-
-def _ultralytics_offline() -> None:
-    """Ultralytics must never touch ~/.config or the network; set this up before importing it."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    if "YOLO_CONFIG_DIR" not in os.environ:
-        os.environ["YOLO_CONFIG_DIR"] = cfg = tempfile.mkdtemp(prefix="edgeloop-yolo-cfg-")
-        atexit.register(shutil.rmtree, cfg, ignore_errors=True)
-    font_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
-    font_dir.mkdir(parents=True, exist_ok=True)
-    if not (font_dir / "Arial.ttf").exists():
-        import matplotlib
-
-        src = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
-        shutil.copyfile(src, font_dir / "Arial.ttf")
 
 
 def synthetic_frame(
@@ -93,9 +76,8 @@ def _write_dataset(root: Path, rng: np.random.Generator) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, ultralytics_offline):
     """(best.pt, exported .onnx), trained once for the module."""
-    _ultralytics_offline()
     torch = pytest.importorskip("torch")
     pytest.importorskip("ultralytics")
     from ultralytics import YOLO

@@ -1,12 +1,11 @@
 """The seed model and the demo's promise: the default shift breaks it, a fine-tune wins it back.
 
-These train real models (minutes on 2 CPU cores). The trained seed model is cached under
-``$EDGELOOP_TRAIN_CACHE`` (default ``/tmp/edgeloop-train-cache``), so only the first run pays.
+These train real models (minutes on 2 CPU cores). The trained seed model is cached in the
+demo's cache (``$EDGELOOP_CACHE_DIR``, else ``~/.cache/edgeloop``), so only the first run pays.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -18,19 +17,15 @@ GOLDEN_FLOOR = 0.8
 
 
 @pytest.fixture(scope="module")
-def cache() -> Path:
-    path = Path(os.environ.get("EDGELOOP_TRAIN_CACHE", "/tmp/edgeloop-train-cache"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def cache(model_cache: Path) -> Path:
+    return model_cache
 
 
 @pytest.fixture(scope="module")
-def seed(cache: Path):
+def seed(cache: Path, ultralytics_offline):
     from training.seed_model import ensure_seed_model
-    from training.ultralytics_env import offline_ultralytics
 
-    offline_ultralytics(cache / "ultralytics")
-    return ensure_seed_model(cache, "fast")
+    return ensure_seed_model(cache, "fast", config_dir=cache / "ultralytics")
 
 
 def test_seed_model_is_cached(cache: Path, seed) -> None:
