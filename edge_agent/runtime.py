@@ -41,6 +41,15 @@ from protocol.messages import (
 
 log = structlog.get_logger(__name__)
 
+# The exit each in-flight state takes when an update keeps being interrupted there.
+_GIVE_UP = {
+    State.DOWNLOADING: Event.DOWNLOAD_FAILED,
+    State.VERIFYING: Event.VERIFY_FAILED,
+    State.STAGED: Event.ABORT,
+    State.SHADOWING: Event.SHADOW_FAILED,
+    State.PROMOTING: Event.SWITCH_FAILED,
+}
+
 
 def detect_hardware() -> Hardware:
     try:
@@ -144,11 +153,15 @@ class Agent:
 
     def _step_update(self) -> None:
         state = self.updater.state
+        if state in _GIVE_UP and self.updater.resume_count_exceeded() and not self._busy_in_background():
+            # Re-entered after crash after crash (e.g. a candidate that kills the runtime): stop trying.
+            self._end_shadow()
+            if state is not State.DOWNLOADING:
+                self.updater.discard_candidate()
+            self.updater.transition(_GIVE_UP[state], f"gave up after repeated interruptions in {state.value}")
+            return
         if state in {State.DOWNLOADING, State.VERIFYING}:
-            if self.updater.resume_count_exceeded():
-                self.updater.transition(Event.DOWNLOAD_FAILED if state is State.DOWNLOADING
-                                        else Event.VERIFY_FAILED, "gave up after repeated interruptions")
-            elif self._bg_future is None or self._bg_future.done():
+            if not self._busy_in_background():
                 self._bg_future = self._bg.submit(self.updater.fetch)
         elif state is State.STAGED:
             if self.updater.record.mode == "direct" or self.detector is None:
@@ -178,6 +191,9 @@ class Agent:
                 self._finish_shadow()
         elif state is State.PROMOTING:
             self._switch()
+
+    def _busy_in_background(self) -> bool:
+        return self._bg_future is not None and not self._bg_future.done()
 
     def _finish_shadow(self) -> None:
         report = self.shadow.report()

@@ -50,6 +50,13 @@ class Updater:
         self._keep = keep_versions
         self._lock = threading.RLock()
         self.record: UpdateRecord = load_record(self._record_path)
+        if self.record.state not in RESTING:
+            # Resuming after a crash or power cut counts as entering the state again, so an
+            # update that keeps killing the agent in one state is given up (resume_count_exceeded).
+            entries = dict(self.record.entries)
+            entries[self.record.state.value] = entries.get(self.record.state.value, 0) + 1
+            self.record = self.record.model_copy(update={"entries": entries})
+            save_record(self._record_path, self.record)
 
     @property
     def state(self) -> State:

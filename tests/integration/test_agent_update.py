@@ -102,3 +102,13 @@ def updater_event(name: str):
     from edge_agent.ota.states import Event
 
     return Event(name)
+
+
+def test_an_update_that_keeps_crashing_the_agent_is_given_up(updater, publish_bundle, signer, tmp_path):
+    assert updater.begin(publish_bundle(1))
+    assert updater.state is State.DOWNLOADING  # the agent dies here, again and again
+    for _ in range(4):
+        restarted = Updater("cam-ota", tmp_path / "agent", updater.slots, TrustStore([signer.public_key()]),
+                            httpx.Client(timeout=30), lambda event: None, max_bundle_bytes=10 * 1024 * 1024)
+    assert restarted.state is State.DOWNLOADING
+    assert restarted.resume_count_exceeded()
