@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from edge_agent.inference.postprocess import decode, nms, postprocess
 from edge_agent.inference.preprocess import letterbox, letterbox_params, preprocess, to_bgr
 from edge_agent.inference.types import Detection, InferenceResult, detections_to_arrays
+from edgeloop.paths import cache_dir  # noqa: E402
+from training.ultralytics_env import offline_ultralytics  # noqa: E402
 
-
-def _ultralytics_offline() -> None:
-    """Ultralytics must never touch ~/.config or the network; set this up before importing it."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    if "YOLO_CONFIG_DIR" not in os.environ:
-        os.environ["YOLO_CONFIG_DIR"] = cfg = tempfile.mkdtemp(prefix="edgeloop-yolo-cfg-")
-        atexit.register(shutil.rmtree, cfg, ignore_errors=True)
-    font_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
-    font_dir.mkdir(parents=True, exist_ok=True)
-    if not (font_dir / "Arial.ttf").exists():
-        import matplotlib
-
-        src = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
-        shutil.copyfile(src, font_dir / "Arial.ttf")
-
-
-_ultralytics_offline()
+# The one offline set-up every test process shares (the same as the session fixture's).
+offline_ultralytics(cache_dir() / "ultralytics")
 torch = pytest.importorskip("torch")
 ul_augment = pytest.importorskip("ultralytics.data.augment")
 from ultralytics.utils import nms as ul_nms  # noqa: E402
