@@ -195,6 +195,7 @@ def _run_loop(config, knobs, workdir, stack, seed, golden_set, shifted_set, fram
             return False
 
     _wait("the server to answer", healthy, 120, procs)
+    progress("server", {"url": f"http://127.0.0.1:{port}/", "token": admin})
     stage("server", t0)
 
     # -- register the seed model as production v1
