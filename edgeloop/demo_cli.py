@@ -34,14 +34,12 @@ def demo(
         work = Path(tempfile.mkdtemp(prefix="edgeloop-demo-"))
         work.chmod(0o711)  # Mosquitto drops root and must be able to reach its folder inside
     config = DemoConfig(workdir=work, fast=fast, devices=devices, threshold=threshold, timeout_seconds=timeout)
-    view = {"stages": {}, "current": "", "detail": "", "line": "", "dashboard": ""}
+    view = {"stages": {}, "current": "", "detail": "", "line": ""}
 
     def render() -> Table:
         table = Table(title=f"edgeloop demo{' --fast' if fast else ''} · {work}", expand=False)
         table.add_column("stage")
         table.add_column("seconds", justify="right")
-        if view["dashboard"]:
-            table.caption = view["dashboard"]
         for name, seconds in view["stages"].items():
             table.add_row(f"[green]✓[/] {name}", f"{seconds:.1f}")
         if view["current"]:
@@ -63,8 +61,8 @@ def demo(
                 view["stages"][info["stage"]] = info["seconds"]
                 view["current"] = ""
             elif kind == "server":
-                view["dashboard"] = f"live dashboard: {info['url']}  (sign in with token {info['token']})"
-                console.print(view["dashboard"])
+                console.print(f"live dashboard: {info['url']}", soft_wrap=True)
+                console.print(f"sign in with token {info['token']}", soft_wrap=True)
             elif kind == "seed_epoch":
                 view["line"] = f"training seed {bar(info['epoch'], info['epochs'])} epoch {info['epoch']}/{info['epochs']}"
             elif kind == "samples":
