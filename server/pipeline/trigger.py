@@ -42,6 +42,8 @@ class RetrainScheduler:
         """Queue a retrain, or fold this request into the job already queued."""
         with self._lock, self._sessions() as session:
             queued = session.scalar(select(TrainingJob).where(TrainingJob.status == "queued"))
+            if queued is not None and trigger == "threshold":
+                return queued  # every sample past the threshold re-fires it: nothing new to record
             if queued is not None:
                 queued.coalesced += 1
                 queued.log += f"\ncoalesced {trigger} trigger from {requested_by}: {reason}"

@@ -71,3 +71,15 @@ def test_job_left_running_by_a_dead_server_is_marked_failed(tmp_path):
         job = s.query(TrainingJob).one()
         assert job.status == "failed" and "server restarted" in job.log
     scheduler.stop()
+
+
+def test_repeated_threshold_triggers_do_not_pile_up_on_a_queued_job(tmp_path):
+    sessions = _sessions(tmp_path)
+    scheduler = RetrainScheduler(sessions, lambda job_id: None)  # not started: jobs stay queued
+    first = scheduler.request("manual", "engineer asked", "alice")
+    for n in range(50):
+        assert scheduler.request("threshold", f"{1000 + n} samples", "ingest").id == first.id
+    with sessions() as s:
+        job = s.get(TrainingJob, first.id)
+        assert job.coalesced == 0 and "threshold" not in job.log
+        assert s.query(TrainingJob).count() == 1
