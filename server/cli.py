@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -86,9 +87,14 @@ def retrain(
     console.print(f"job #{job['id']} {job['status']} (trigger manual)")
     if wait:
         job = follow_job(api_url, token, job["id"])
-        console.print(f"job #{job['id']} {job['status']}: {json.dumps(job.get('stages', {}))}")
-        if job["status"] not in {"succeeded"}:
-            raise typer.Exit(1)
+        if job["status"] == "succeeded":
+            stages = ", ".join(f"{k} {v:.1f}s" for k, v in job.get("stages", {}).items())
+            console.print(f"job #{job['id']} succeeded: version {job['candidate_version']} is production ({stages})")
+            return
+        result = job.get("result") or {}
+        reason = result.get("error") or "; ".join(result.get("gate", {}).get("reasons", [])) or "see the job log"
+        console.print(f"[red]job #{job['id']} {job['status']}:[/] {reason}")
+        raise typer.Exit(1)
 
 
 def follow_job(api_url: str, token: str, job_id: int) -> dict:
@@ -156,6 +162,9 @@ def devices_revoke(device_id: str, api_url: str = API_URL, token: str = TOKEN) -
 @models_app.command("list")
 def models_list(api_url: str = API_URL, token: str = TOKEN) -> None:
     data = _call(api_url, token, "GET", "/api/v1/models")
+    if not data["items"]:
+        console.print("no models registered yet: `edgeloop models register` a seed model, or run `edgeloop demo`")
+        return
     table = Table("version", "status", "aliases", "golden mAP50", "golden mAP50-95", "parent", "snapshot")
     for m in data["items"]:
         g = m["metrics"].get("golden", {})
@@ -163,6 +172,22 @@ def models_list(api_url: str = API_URL, token: str = TOKEN) -> None:
                       f"{g.get('map50', float('nan')):.3f}", f"{g.get('map50_95', float('nan')):.3f}",
                       str(m["parent_version"] or "–"), (m["snapshot_id"] or "–")[:12])
     console.print(table)
+
+
+@models_app.command("register")
+def models_register(
+    weights: Path = typer.Option(..., exists=True, dir_okay=False, help="Ultralytics .pt weights."),
+    onnx: Path = typer.Option(..., exists=True, dir_okay=False, help="The ONNX export that ships."),
+    imgsz: int = typer.Option(..., help="Input size the model was exported at."),
+    metrics: Path = typer.Option(None, exists=True, dir_okay=False,
+                                 help="JSON {eval set: {map50, map50_95, ...}}, e.g. the golden set's."),
+    api_url: str = API_URL, token: str = TOKEN,
+) -> None:
+    """Register an externally trained model (e.g. the seed) as production: signed bundle + registry (engineer)."""
+    with weights.open("rb") as pt, onnx.open("rb") as model:
+        result = _call(api_url, token, "POST", "/api/v1/models", files={"weights": pt, "onnx": model},
+                       data={"imgsz": str(imgsz), "metrics": metrics.read_text() if metrics else "{}"})
+    console.print(f"registered version {result['version']} as production")
 
 
 @models_app.command("show")
