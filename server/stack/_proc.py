@@ -162,3 +162,18 @@ def _stop_live_services() -> None:  # pragma: no cover - exit path
     for service in list(_LIVE):
         with contextlib.suppress(Exception):
             service.stop(timeout=5.0)
+
+
+def spawn_service(service: Any, argv: list[str], *, output: Path, cwd: Path, pid_file: Path,
+                  detach: bool) -> subprocess.Popen:
+    """Start ``argv`` in its own session with output appended to ``output``, record its pid,
+    and (unless detached) make sure ``service.stop()`` runs at interpreter exit."""
+    with open(output, "ab") as out:
+        popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd,
+            start_new_session=True, close_fds=True,
+        )
+    write_private(pid_file, f"{popen.pid}\n", mode=0o644)
+    if not detach:
+        register_exit_stop(service)
+    return popen

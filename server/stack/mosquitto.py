@@ -479,20 +479,9 @@ class MosquittoBroker:
 
     def _start_once(self, binary: str, *, detach: bool, timeout: float) -> None:
         self.write_config()
-        with open(self.stderr_file, "ab") as err:
-            self._popen = subprocess.Popen(
-                [binary, "-c", str(self.config_file)],
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                cwd=self.workdir,
-                start_new_session=True,
-                close_fds=True,
-            )
+        self._popen = _proc.spawn_service(self, [binary, "-c", str(self.config_file)], output=self.stderr_file,
+                                          cwd=self.workdir, pid_file=self.pid_file, detach=detach)
         self._pid = self._popen.pid
-        _proc.write_private(self.pid_file, f"{self._pid}\n", mode=0o644)
-        if not detach:
-            _proc.register_exit_stop(self)
         try:
             wait_for_port(
                 self.port,

@@ -246,20 +246,10 @@ class SeaweedS3:
         cmd = weed_command(
             weed, workdir=self.workdir, host=self.host, ports=self._ports, s3_config=self.s3_config_file
         )
-        with open(self.output_file, "ab") as out:
-            self._popen = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                cwd=self.workdir,  # weed reads optional *.toml (e.g. notification.toml) from here
-                start_new_session=True,
-                close_fds=True,
-            )
+        # cwd: weed reads optional *.toml (e.g. notification.toml) from its working directory.
+        self._popen = _proc.spawn_service(self, cmd, output=self.output_file, cwd=self.workdir,
+                                          pid_file=self.pid_file, detach=detach)
         self._pid = self._popen.pid
-        _proc.write_private(self.pid_file, f"{self._pid}\n", mode=0o644)
-        if not detach:
-            _proc.register_exit_stop(self)
         try:
             wait_until(
                 self.s3_answers,
