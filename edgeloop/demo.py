@@ -46,7 +46,7 @@ class DemoConfig:
             # Frames each device owns: enough distinct shifted frames to cross the threshold.
             "frames_per_device": self.frames_per_device or max(120, int(threshold * 1.6 / self.devices) + 40),
             "max_fps": self.max_fps if self.max_fps is not None else (6.0 if fast else 10.0),
-            "retrain_epochs": self.retrain_epochs or (8 if fast else 12),
+            "retrain_epochs": self.retrain_epochs,  # None: the fine-tune recipe's own
             "shadow_frames": self.shadow_frames or (20 if fast else 100),
         }
 
@@ -182,8 +182,9 @@ def _run_loop(config, knobs, workdir, stack, seed, golden_set, shifted_set, fram
         "EDGELOOP_EVAL_SETS": json.dumps({"golden": str(golden_set.data_yaml), "shifted": str(shifted_set.data_yaml)}),
         "EDGELOOP_REPLAY_DATA": str(seed.data_yaml),
         "EDGELOOP_TRAIN_IMGSZ": str(seed.imgsz),
-        "EDGELOOP_TRAIN_EPOCHS": str(knobs["retrain_epochs"]),
     })
+    if knobs["retrain_epochs"]:
+        env["EDGELOOP_TRAIN_EPOCHS"] = str(knobs["retrain_epochs"])
     procs.start("server", [sys.executable, "-m", "edgeloop", "server"], env, workdir / "logs" / "server.log")
     api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {admin}"},
                        timeout=120)

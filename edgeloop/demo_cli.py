@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +29,8 @@ def demo(
 
     from edgeloop.demo import DemoConfig, DemoFailed, run_demo
 
+    # SIGTERM unwinds like Ctrl-C, so the agents, server and services are always stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     console = Console(stderr=True)
     work = workdir
     if work is None:
