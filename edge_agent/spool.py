@@ -9,12 +9,13 @@ frames describe the line as it is now); evictions are counted and reported.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from firmware_bundles.fsutil import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -26,15 +27,6 @@ class SpoolItem:
     state: str
     object_key: str | None
     attempts: int
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class Spool:
@@ -78,7 +70,7 @@ class Spool:
             if self._db.execute("SELECT 1 FROM seen WHERE sample_id=?", (sample_id,)).fetchone():
                 return False
             name = f"{sample_id}.{'png' if content_type == 'image/png' else 'jpg'}"
-            _atomic_write(self._files / name, data)
+            atomic_write_bytes(self._files / name, data)
             self._db.execute("BEGIN")
             self._db.execute(
                 "INSERT INTO items (sample_id, created, state, file, size, content_type, meta) "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,6 +23,8 @@ from typing import TypeVar
 import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+
+from firmware_bundles.fsutil import atomic_output
 
 DEFAULT_BUCKET = "edgeloop"
 DEFAULT_REGION = "us-east-1"
@@ -317,22 +318,11 @@ class ObjectStore:
         """Download to ``path`` atomically (temp file in the same folder, fsync, rename);
         returns the size. Nothing is left at ``path`` on failure."""
         _check_key(key)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
         size = 0
-        try:
-            with os.fdopen(fd, "wb") as fh, self._open(key, max_bytes) as chunks:
-                for chunk in chunks:
-                    fh.write(chunk)
-                    size += len(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_output(path) as fh, self._open(key, max_bytes) as chunks:
+            for chunk in chunks:
+                fh.write(chunk)
+                size += len(chunk)
         return size
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from edge_agent.ota.states import State
+from firmware_bundles.fsutil import atomic_write_bytes
 
 
 class UpdateRecord(BaseModel):
@@ -26,18 +26,7 @@ class UpdateRecord(BaseModel):
 
 
 def save_record(path: Path, record: UpdateRecord) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(record.model_dump_json(indent=2))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write_bytes(path, record.model_dump_json(indent=2).encode())
 
 
 def load_record(path: Path) -> UpdateRecord:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from firmware_bundles import BundleManifest
+from firmware_bundles.fsutil import fsync_dir
 
 
 class ModelSlots:
@@ -41,11 +42,7 @@ class ModelSlots:
         tmp.unlink(missing_ok=True)
         os.symlink(os.path.relpath(self.slot(version), self.root), tmp)
         os.replace(tmp, link)  # atomic on POSIX
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(self.root)
 
     def _read(self, name: str) -> int | None:
         link = self.root / name

@@ -11,12 +11,12 @@ import signal
 import string
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from pathlib import Path
 from typing import Any
 
+from firmware_bundles.fsutil import atomic_write_bytes
 from server.stack.errors import ServiceError
 
 
@@ -45,20 +45,7 @@ def random_access_key(length: int = 20) -> str:
 
 def write_private(path: Path, text: str, mode: int = 0o600) -> None:
     """Write ``text`` atomically (temp file, fsync, rename) with ``mode`` (default 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
 
 def pid_alive(pid: int | None) -> bool:
