@@ -18,6 +18,7 @@ from server.pipeline.executor import JobFailed
 from server.pipeline.gate import GatePolicy, decide
 from server.pipeline.snapshot import build_snapshot, materialize
 from server.settings import ServerSettings
+from training import synth
 
 log = structlog.get_logger(__name__)
 
@@ -39,16 +40,11 @@ def replay_images(data_yaml: Path, count: int) -> list[Path]:
     return [images[int(i * step)] for i in range(count)]
 
 
-def write_data_yaml(path: Path, train: list[Path], val_dir: Path, names: list[str]) -> Path:
-    listing = path.parent / "train.txt"
+def write_train_list(root: Path, train: list[Path]) -> Path:
+    """Ultralytics reads a split from a text file of image paths: nothing is copied."""
+    listing = root / "train.txt"
     listing.write_text("".join(f"{p.resolve()}\n" for p in train))
-    path.write_text(yaml.safe_dump({
-        "path": str(path.parent.resolve()),
-        "train": str(listing.resolve()),
-        "val": str(val_dir.resolve()),
-        "names": dict(enumerate(names)),
-    }))
-    return path
+    return listing
 
 
 class RetrainRunner:
@@ -142,13 +138,11 @@ class RetrainRunner:
             replay = []
             if s.replay_data:
                 replay = replay_images(s.replay_data, int(len(dataset.train_images) * policy.replay_ratio))
-            data_yaml = write_data_yaml(work / "data" / "data.yaml", dataset.train_images + replay,
-                                        dataset.val_dir, s.class_names)
-            new_data_yaml = work / "data" / "new_data.yaml"
-            new_data_yaml.write_text(yaml.safe_dump({
-                "path": str((work / "data").resolve()), "train": str(dataset.val_dir.resolve()),
-                "val": str(dataset.val_dir.resolve()), "names": dict(enumerate(s.class_names)),
-            }))
+            root = work / "data"
+            data_yaml = synth.write_data_yaml(root, [write_train_list(root, dataset.train_images + replay)],
+                                              [dataset.val_dir], s.class_names)
+            new_data_yaml = synth.write_data_yaml(root, [dataset.val_dir], [dataset.val_dir], s.class_names,
+                                                  filename="new_data.yaml")
             prod_pt = work / "production.pt"
             self._store.download_file(prod_pt_key, prod_pt)
             self._log(job_id, f"dataset: {len(dataset.train_images)} new train + {len(replay)} replayed, "

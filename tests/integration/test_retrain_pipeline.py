@@ -115,8 +115,10 @@ def test_passing_candidate_is_bundled_signed_registered_and_promoted(ctx, tmp_pa
     assert set(job.stages) >= {"snapshot", "dataset", "train", "evaluate", "export", "gate", "bundle", "register"}
 
     # The executor got a dataset: new samples split into train/val, plus 2x replay of base images.
-    train_list = Path(yaml.safe_load(Path(executor.spec["data_yaml"]).read_text())["train"]).read_text().split()
-    new_val = list(Path(yaml.safe_load(Path(executor.spec["eval_sets"]["new_data"]).read_text())["val"]).glob("*.jpg"))
+    (listing,) = yaml.safe_load(Path(executor.spec["data_yaml"]).read_text())["train"]
+    train_list = Path(listing).read_text().split()
+    (val_dir,) = yaml.safe_load(Path(executor.spec["eval_sets"]["new_data"]).read_text())["val"]
+    new_val = list(Path(val_dir).glob("*.jpg"))
     assert len(new_val) >= 1 and len(train_list) == (20 - len(new_val)) + min(10, 2 * (20 - len(new_val)))
     assert set(executor.spec["eval_sets"]) == {"golden", "new_data"}
 
