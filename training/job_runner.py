@@ -2,7 +2,9 @@
 
     python -m training.job_runner SPEC.json
 
-fine-tune → evaluate candidate and production on every eval set → export ONNX.
+fine-tune → evaluate candidate and production on every eval set → export ONNX → check the
+export against PyTorch and evaluate the exported artifact itself → TensorRT engines where a
+builder exists.
 Progress goes to stdout as JSON lines ({"event": ...}) so any executor can stream it;
 the final result is also written to ``<out_dir>/result.json``.
 """
@@ -27,7 +29,28 @@ def _metrics_dict(m) -> dict:
         "precision": float(m.precision),
         "recall": float(m.recall),
         "per_class": m.per_class,
+        "instances": int(getattr(m, "instances", 0)),
     }
+
+
+def _sample_images(eval_sets: dict[str, str], count: int) -> list[Path]:
+    """A few validation images for the export parity check (new data first, then golden)."""
+    import yaml
+
+    for name in ("new_data", "golden"):
+        if name not in eval_sets:
+            continue
+        data = yaml.safe_load(Path(eval_sets[name]).read_text())
+        root = Path(data.get("path", Path(eval_sets[name]).parent))
+        for entry in data["val"] if isinstance(data["val"], list) else [data["val"]]:
+            folder = Path(entry) if Path(entry).is_absolute() else root / entry
+            if folder.is_file():  # a list file of image paths
+                paths = [Path(line) for line in folder.read_text().split()]
+            else:
+                paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+            if paths:
+                return paths[:count]
+    return []
 
 
 def run(spec: dict) -> dict:
@@ -85,11 +108,40 @@ def run(spec: dict) -> dict:
     onnx_path = yolo.export_onnx(trained.best_pt, imgsz, out_dir / "model.onnx", config_dir=config_dir)
     stages["export"] = time.monotonic() - t0
 
+    # What ships is the ONNX file, so it is evaluated too; the gate compares it with the .pt.
+    emit("stage", stage="artifact_check", status="started")
+    t0 = time.monotonic()
+    from training.export_checks import check_export_parity
+
+    parity = check_export_parity(trained.best_pt, onnx_path, _sample_images(spec["eval_sets"], 8), imgsz)
+    emit("export_parity", **parity.as_dict())
+    for name in spec.get("onnx_eval_sets", ["golden", "new_data"]):
+        if name in spec["eval_sets"]:
+            metrics["candidate"][f"{name}@onnx"] = _metrics_dict(
+                yolo.evaluate(onnx_path, spec["eval_sets"][name], imgsz, config_dir=config_dir))
+            emit("evaluated", eval_set=f"{name}@onnx", candidate=metrics["candidate"][f"{name}@onnx"]["map50"])
+    stages["artifact_check"] = time.monotonic() - t0
+
+    emit("stage", stage="engines", status="started")
+    t0 = time.monotonic()
+    from training.engine_build import EngineTarget, build_engines
+
+    golden = spec["eval_sets"].get("golden")
+    engines = build_engines(
+        trained.best_pt, imgsz, [EngineTarget(**t) for t in spec.get("engine_targets", [])], out_dir / "engines",
+        evaluate=(lambda path: _metrics_dict(yolo.evaluate(path, golden, imgsz, config_dir=config_dir)))
+        if golden else None)
+    for build in engines:
+        emit("engine", **build.as_dict())
+    stages["engines"] = time.monotonic() - t0
+
     result = {
         "best_pt": str(trained.best_pt),
         "onnx": str(onnx_path),
         "metrics": metrics,
         "stages": stages,
+        "export": {"format": "onnx", "imgsz": imgsz, "parity": parity.as_dict()},
+        "engines": [b.as_dict() for b in engines],
         "hyperparameters": trained.hyperparameters,
         "environment": {
             "python": platform.python_version(),

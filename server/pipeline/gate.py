@@ -9,6 +9,12 @@ from dataclasses import dataclass, field
 class GatePolicy:
     golden_tolerance: float = 0.0
     min_new_data_gain: float = 0.0
+    # No class's golden recall, and no source device's new-data recall, may drop by more than this.
+    max_recall_drop: float = 0.05
+    # The shipped ONNX artifact and the .pt it came from must agree on mAP50-95 within this.
+    artifact_tolerance: float = 0.02
+    # Device slices with fewer labelled instances than this are reported but not gated (noise).
+    min_slice_instances: int = 20
 
 
 @dataclass
@@ -65,6 +71,67 @@ def decide(candidate: dict, production: dict | None, policy: GatePolicy) -> Gate
             decision.reasons.append(
                 f"new-data mAP50-95 {cand_new:.3f} is not better than production {prod_new:.3f}"
             )
+    _check_recall_slices(decision, candidate, production, policy)
+    _check_artifact_agreement(decision, candidate, policy)
     if decision.passed:
         decision.reasons.append("candidate beats production on new data and holds the golden set")
     return decision
+
+
+def _recall_drops(cand: dict, prod: dict, max_drop: float, min_instances: int = 0) -> dict[str, dict]:
+    """Per key of two ``{name: {"recall": .., "instances": ..}}`` maps, the recall comparison."""
+    out = {}
+    for name in sorted(set(cand) & set(prod)):
+        c, p = cand[name].get("recall"), prod[name].get("recall")
+        if c is None or p is None:
+            continue
+        instances = cand[name].get("instances")
+        gated = instances is None or instances >= min_instances
+        out[name] = {"candidate": c, "production": p, "threshold": p - max_drop,
+                     "passed": (c >= p - max_drop) or not gated, "gated": gated}
+    return out
+
+
+def _check_recall_slices(decision: GateDecision, candidate: dict, production: dict, policy: GatePolicy) -> None:
+    """The bias check: a better average must not hide a class or a device that got worse."""
+    per_class = _recall_drops((candidate.get("golden") or {}).get("per_class") or {},
+                              (production.get("golden") or {}).get("per_class") or {}, policy.max_recall_drop)
+    if per_class:
+        decision.checks["golden_class_recall"] = per_class
+    for name, check in per_class.items():
+        if not check["passed"]:
+            decision.passed = False
+            decision.reasons.append(
+                f"golden recall of class {name!r} fell from {check['production']:.3f} to "
+                f"{check['candidate']:.3f} (more than {policy.max_recall_drop:.3f})")
+    cand_dev = {k.removeprefix("device:"): v for k, v in candidate.items() if k.startswith("device:")}
+    prod_dev = {k.removeprefix("device:"): v for k, v in production.items() if k.startswith("device:")}
+    per_device = _recall_drops(cand_dev, prod_dev, policy.max_recall_drop, policy.min_slice_instances)
+    if per_device:
+        decision.checks["device_recall"] = per_device
+    for name, check in per_device.items():
+        if not check["passed"]:
+            decision.passed = False
+            decision.reasons.append(
+                f"new-data recall on device {name!r} fell from {check['production']:.3f} to "
+                f"{check['candidate']:.3f} (more than {policy.max_recall_drop:.3f})")
+
+
+def _check_artifact_agreement(decision: GateDecision, candidate: dict, policy: GatePolicy) -> None:
+    """Metrics of the exported artifact (``<set>@onnx``) must match the .pt's: what ships is what was gated."""
+    for key, metrics in candidate.items():
+        if not key.endswith("@onnx"):
+            continue
+        base = candidate.get(key.removesuffix("@onnx")) or {}
+        if base.get("map50_95") is None or metrics.get("map50_95") is None:
+            continue
+        diff = abs(metrics["map50_95"] - base["map50_95"])
+        ok = diff <= policy.artifact_tolerance
+        decision.checks[f"artifact_agreement:{key}"] = {
+            "pt": base["map50_95"], "onnx": metrics["map50_95"], "difference": diff,
+            "threshold": policy.artifact_tolerance, "passed": ok}
+        if not ok:
+            decision.passed = False
+            decision.reasons.append(
+                f"exported ONNX mAP50-95 {metrics['map50_95']:.3f} differs from the .pt's {base['map50_95']:.3f} "
+                f"on {key.removesuffix('@onnx')} by {diff:.3f} (tolerance {policy.artifact_tolerance:.3f})")

@@ -102,3 +102,49 @@ def test_both_failures_are_reported() -> None:
     decision = decide(_m(0.3, 0.3), _m(0.5, 0.4), GatePolicy())
     assert not decision.passed
     assert len(decision.reasons) == 2
+
+
+def _with_classes(metrics: dict, recalls: dict[str, float]) -> dict:
+    metrics["golden"]["per_class"] = {name: {"recall": r, "map50_95": 0.5} for name, r in recalls.items()}
+    return metrics
+
+
+def test_a_class_whose_recall_collapses_fails_even_when_the_average_improves() -> None:
+    cand = _with_classes(_m(0.60, 0.9), {"scratch": 0.95, "dent": 0.95, "stain": 0.70})
+    prod = _with_classes(_m(0.50, 0.4), {"scratch": 0.80, "dent": 0.80, "stain": 0.90})
+    decision = decide(cand, prod, GatePolicy(max_recall_drop=0.05))
+    assert not decision.passed
+    assert decision.checks["golden_class_recall"]["stain"]["passed"] is False
+    assert decision.checks["golden_class_recall"]["scratch"]["passed"] is True
+    assert any("class 'stain' fell from 0.900 to 0.700" in r for r in decision.reasons)
+
+
+def test_a_small_class_recall_drop_within_delta_passes() -> None:
+    cand = _with_classes(_m(0.60, 0.9), {"stain": 0.87})
+    prod = _with_classes(_m(0.50, 0.4), {"stain": 0.90})
+    assert decide(cand, prod, GatePolicy(max_recall_drop=0.05)).passed
+
+
+def test_a_device_slice_that_got_worse_fails_but_tiny_slices_are_not_gated() -> None:
+    cand, prod = _m(0.60, 0.9), _m(0.50, 0.4)
+    cand["device:cam-1"] = {"recall": 0.5, "instances": 100}
+    prod["device:cam-1"] = {"recall": 0.9, "instances": 100}
+    cand["device:cam-2"] = {"recall": 0.1, "instances": 3}
+    prod["device:cam-2"] = {"recall": 0.9, "instances": 3}
+    decision = decide(cand, prod, GatePolicy(min_slice_instances=20))
+    assert not decision.passed
+    assert decision.checks["device_recall"]["cam-1"]["passed"] is False
+    assert decision.checks["device_recall"]["cam-2"] == {"candidate": 0.1, "production": 0.9, "threshold": 0.85,
+                                                         "passed": True, "gated": False}
+    assert sum("device" in r for r in decision.reasons) == 1
+
+
+def test_exported_artifact_must_agree_with_the_pt() -> None:
+    cand, prod = _m(0.60, 0.9), _m(0.50, 0.4)
+    cand["golden@onnx"] = {"map50_95": 0.59}
+    assert decide(cand, prod, GatePolicy(artifact_tolerance=0.02)).passed
+    cand["golden@onnx"] = {"map50_95": 0.50}
+    decision = decide(cand, prod, GatePolicy(artifact_tolerance=0.02))
+    assert not decision.passed
+    assert decision.checks["artifact_agreement:golden@onnx"]["difference"] == pytest.approx(0.10)
+    assert any("exported ONNX mAP50-95 0.500 differs" in r for r in decision.reasons)
