@@ -206,9 +206,34 @@ class PromoteCommand(_Command):
 
 
 class RollbackCommand(_Command):
+    """Switch back to ``to_version`` (None: the newest older version the device holds).
+
+    The one way past a device's rollback protection, so devices act only on a command signed
+    with a bundle key (``firmware_bundles.commands``): ``signature`` is hex ed25519 over the
+    canonical JSON of every other field. The bundle fields let a device that no longer holds
+    the version fetch it; ``expires_at`` bounds replays.
+    """
+
     type: Literal["rollback"] = "rollback"
-    to_version: int | None = None
+    to_version: int | None = Field(default=None, ge=1)
     reason: str = Field(default="", max_length=2000)
+    bundle_url: str | None = Field(default=None, min_length=1, max_length=4096)
+    bundle_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    bundle_size: int | None = Field(default=None, gt=0, validate_default=True)
+    expires_at: datetime | None = None
+    key_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
+
+    @field_validator("bundle_size")
+    @classmethod
+    def _bundle_is_complete(cls, value: int | None, info) -> int | None:
+        given = [info.data.get("bundle_url"), info.data.get("bundle_sha256"), value]
+        if any(v is not None for v in given):
+            if not all(v is not None for v in given):
+                raise ValueError("bundle_url, bundle_sha256 and bundle_size go together")
+            if info.data.get("to_version") is None:
+                raise ValueError("a rollback bundle needs to_version")
+        return value
 
 
 class AbortCommand(_Command):
