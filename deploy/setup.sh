@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets edgeloop up on a fresh Debian/Ubuntu machine:
 #   - Debian's mosquitto and postgresql (binaries only: the stack and the tests start their
-#     own instances on free ports);
+#     own instances on free ports), and skopeo (pushes `edgeloop bundle ... --oci` images to
+#     registries; the tests check those archives with it);
 #   - a Python virtual environment with every extra (server, training, dev), cached
 #     OUTSIDE the clone and keyed by the dependency files, so torch is installed once;
 #   - this clone installed into it in editable mode, and ./.venv pointing at it.
@@ -16,6 +17,7 @@ missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v mosquitto_passwd >/dev/null 2>&1 || missing+=(mosquitto-clients)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} from Debian"
   $SUDO apt-get update -qq

@@ -8,7 +8,6 @@ Only typer, rich, the standard library and this package are imported at module l
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -18,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from firmware_bundles.archive import sha256_file
 from firmware_bundles.build import build_bundle, infer_role
 from firmware_bundles.errors import BundleError
 from firmware_bundles.keys import (
@@ -29,6 +29,8 @@ from firmware_bundles.keys import (
     write_key_pair,
 )
 from firmware_bundles.manifest import DEFAULT_MIN_AGENT_VERSION
+from firmware_bundles.oci import ARCHITECTURES, DEFAULT_ARCHITECTURE, OciImage, export_oci
+from firmware_bundles.oci_extract import extract_oci
 from firmware_bundles.onnx_meta import OnnxMetadataError, parse_imgsz, parse_names, read_onnx_metadata
 from firmware_bundles.reader import DEFAULT_MAX_BYTES
 from firmware_bundles.sign import sign_bundle
@@ -58,12 +60,16 @@ def _reported() -> Iterator[None]:
         _fail(str(exc).replace("\n", "; "))
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _check_architecture(value: str) -> str:
+    if value not in ARCHITECTURES:
+        raise typer.BadParameter(f"{value!r} is not one of: {', '.join(ARCHITECTURES)}")
+    return value
+
+
+def _echo_image(image: OciImage) -> None:
+    typer.echo(f"oci image: {image.path} (tag {image.ref_name}, {image.architecture})")
+    typer.echo(f"image digest: {image.manifest_digest}")
+    typer.echo(f"layer digest: {image.layer_digest}")
 
 
 # -- keys -----------------------------------------------------------------------------
@@ -150,11 +156,21 @@ def bundle_build(
     min_agent_version: Annotated[
         str, typer.Option("--min-agent-version", help="Oldest agent that may install this bundle.")
     ] = DEFAULT_MIN_AGENT_VERSION,
+    oci: Annotated[
+        Path | None,
+        typer.Option("--oci", help="Also write the signed bundle as an OCI image archive (oci-archive) here."),
+    ] = None,
+    oci_arch: Annotated[
+        str,
+        typer.Option("--oci-arch", callback=_check_architecture, help="Platform of the OCI image (GOARCH)."),
+    ] = DEFAULT_ARCHITECTURE,
 ) -> None:
     """Build and sign a bundle. Class names and image size default to the ONNX model's metadata."""
     with _reported():
         if not model.is_file():
             raise ValueError(f"model not found: {model}")
+        if oci is not None and oci.resolve() == out.resolve():
+            raise ValueError("--oci and --out must be different files")
         # Only open the model with onnx when a flag is missing: a build with full flags needs no onnx.
         needs_metadata = imgsz is None or (class_names is None and labels is None)
         metadata = _model_metadata(model) if needs_metadata else {}
@@ -179,12 +195,15 @@ def bundle_build(
             roles=roles,
             min_agent_version=min_agent_version,
         )
-        digest = _sha256_of(out)
+        digest = sha256_file(out)
+        image = export_oci(out, oci, architecture=oci_arch) if oci is not None else None
     typer.echo(
         f"built {out}: {manifest.model_name} version {manifest.version}, {len(manifest.files)} file(s)"
     )
     typer.echo(f"signed by key {manifest.key_id}")
     typer.echo(f"sha256: {digest}")
+    if image is not None:
+        _echo_image(image)
 
 
 @bundle_app.command("sign")
@@ -249,3 +268,54 @@ def bundle_inspect(
         _fail(summary.integrity)
     if not summary.signature_present:
         _fail("bundle has no valid-looking signature (manifest.sig missing or malformed)")
+
+
+@bundle_app.command("to-oci")
+def bundle_to_oci(
+    bundle: Annotated[Path, typer.Argument(help="Signed bundle to export.")],
+    out: Annotated[Path, typer.Option("--out", help="OCI image archive (oci-archive) to write.")],
+    arch: Annotated[
+        str, typer.Option("--arch", callback=_check_architecture, help="Platform of the image (GOARCH).")
+    ] = DEFAULT_ARCHITECTURE,
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="Image tag (org.opencontainers.image.ref.name); default: the version.")
+    ] = None,
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", help="Trusted public key file or folder: the bundle must verify first."),
+    ] = None,
+) -> None:
+    """Write a signed bundle as an OCI image (skopeo copy oci-archive:OUT docker://... pushes it)."""
+    with _reported():
+        trust = TrustStore.from_path(key) if key is not None else None
+        image = export_oci(bundle, out, architecture=arch, ref_name=tag, trust=trust)
+    typer.echo(f"exported {bundle}: {image.manifest.model_name} version {image.manifest.version}")
+    _echo_image(image)
+
+
+@bundle_app.command("from-oci")
+def bundle_from_oci(
+    archive: Annotated[Path, typer.Argument(help="OCI image archive (oci-archive) holding a bundle.")],
+    key: Annotated[Path, typer.Option("--key", help="Trusted public key file, or a folder of *pub*.pem.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the verified bundle here (default: only verify).")
+    ] = None,
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="Image to take when the archive holds several.")
+    ] = None,
+    retired: Annotated[
+        list[str] | None, typer.Option("--retired", help="Key id that no longer verifies (repeatable).")
+    ] = None,
+    max_bytes: Annotated[int, typer.Option("--max-bytes", min=1, help="Refuse archives larger than this.")] = (
+        DEFAULT_MAX_BYTES
+    ),
+) -> None:
+    """Verify the bundle inside an OCI image archive and optionally write it out; exit 0 only if all pass."""
+    with _reported():
+        store = TrustStore.from_path(key, retired=retired or ())
+        image = extract_oci(archive, store, out, ref_name=tag, max_bytes=max_bytes)
+    manifest = image.manifest
+    typer.echo(f"OK: {manifest.model_name} version {manifest.version}, signed by key {manifest.key_id}")
+    typer.echo(f"image digest: {image.manifest_digest}")
+    if out is not None:
+        typer.echo(f"bundle: {out} (sha256 {image.bundle_sha256})")
