@@ -19,6 +19,7 @@ log = structlog.get_logger(__name__)
 
 
 def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> ServerContext:
+    from server.alerts import AlertService
     from server.db.session import make_engine, make_session_factory, upgrade_schema
     from server.ingest import IngestService
     from server.mqtt_bus import MqttBus
@@ -45,8 +46,9 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
                             log_file=settings.mqtt_broker_log_file)
                 if settings.mqtt_password_file else None)
 
+    alerts = AlertService(sessions, webhook_url=settings.alert_webhook_url)
     ctx = ServerContext(settings=settings, engine=engine, sessions=sessions, store=store, bus=None,
-                        accounts=accounts, publisher=publisher, scheduler=None, ingest=None)
+                        accounts=accounts, publisher=publisher, scheduler=None, ingest=None, alerts=alerts)
 
     def on_promoted(version: int) -> None:
         if settings.auto_deploy and ctx.bus is not None:
@@ -57,8 +59,9 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
                                shadow_frames=settings.shadow_frames, presign_seconds=settings.presign_seconds,
                                actor="auto-deploy")
 
+    ctx.on_promoted = on_promoted
     runner = RetrainRunner(settings, sessions, store, LocalSubprocessExecutor(
-        timeout_seconds=settings.training.timeout_seconds), publisher, on_promoted)
+        timeout_seconds=settings.training.timeout_seconds), publisher, on_promoted, alerts=alerts)
     ctx.scheduler = RetrainScheduler(sessions, runner.run)
     ctx.ingest = IngestService(
         sessions, store, settings.class_names,
@@ -70,10 +73,12 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
         ctx.bus = MqttBus(settings.mqtt_host, settings.mqtt_port, settings.mqtt_username,
                           settings.mqtt_password.get_secret_value(), f"edgeloop-server-{os.getpid()}",
                           ctx.ingest.handle, str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None)
+        alerts.publish = ctx.bus.publish
     return ctx
 
 
 def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAPI:
+    from server.api.registry_routes import router as registry_router
     from server.api.routes import router
     from server.dashboard import router as dashboard_router
 
@@ -94,6 +99,7 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
     app = FastAPI(title="edgeloop", version="0.1.0", lifespan=lifespan,
                   description="Continuous delivery of object detectors to factory edge devices.")
     app.include_router(router)
+    app.include_router(registry_router)
     app.include_router(dashboard_router)
 
     @app.get("/healthz", include_in_schema=False)

@@ -194,3 +194,27 @@ def models_register(
 def models_show(version: int, api_url: str = API_URL, token: str = TOKEN) -> None:
     """Full record of one version: metrics, gate decision, lineage, hyperparameters."""
     sys.stdout.write(json.dumps(_call(api_url, token, "GET", f"/api/v1/models/{version}"), indent=2) + "\n")
+
+
+@models_app.command("approve")
+def models_approve(version: int, reason: str = typer.Option("", help="Why, for the audit log."),
+                   api_url: str = API_URL, token: str = TOKEN) -> None:
+    """Approve a candidate that passed its gate: it becomes production (operator)."""
+    _call(api_url, token, "POST", f"/api/v1/models/{version}/approve", json={"reason": reason})
+    console.print(f"version {version} approved: now production")
+
+
+@models_app.command("rollback")
+def models_rollback(reason: str = typer.Option("", help="Why, for the audit log."),
+                    api_url: str = API_URL, token: str = TOKEN) -> None:
+    """Make the previous production version production again, in one call (operator)."""
+    result = _call(api_url, token, "POST", "/api/v1/models/rollback", json={"reason": reason})
+    console.print(f"rolled back: version {result['to_version']} is production again "
+                  f"(version {result['from_version']} marked rolled_back)")
+
+
+@models_app.command("lineage")
+def models_lineage(version: int, api_url: str = API_URL, token: str = TOKEN) -> None:
+    """Model → job → dataset snapshots → images per device."""
+    sys.stdout.write(json.dumps(_call(api_url, token, "GET", f"/api/v1/models/{version}/lineage"),
+                                indent=2, default=str) + "\n")

@@ -21,3 +21,5 @@ class ServerContext:
     publisher: object  # server.publish.ModelPublisher
     scheduler: object  # server.pipeline.trigger.RetrainScheduler
     ingest: object  # server.ingest.IngestService
+    alerts: object = None  # server.alerts.AlertService
+    on_promoted: object = None  # callable(version): what happens when a version becomes production

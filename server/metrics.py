@@ -13,3 +13,4 @@ JOB_SECONDS = Histogram(
 )
 STAGE_SECONDS = Gauge("edgeloop_training_stage_seconds", "Duration of the last job's stages", ["stage"])
 DEPLOY_COMMANDS = Counter("edgeloop_deploy_commands_total", "Deploy commands sent", ["mode"])
+ALERTS = Counter("edgeloop_alerts_total", "Alerts raised", ["kind"])

@@ -68,6 +68,12 @@ class MqttBus:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"could not queue command for {device_id}: {mqtt.error_string(info.rc)}")
 
+    def publish(self, topic: str, payload: bytes, qos: int) -> None:
+        """Server-level topics (alerts); device commands go through publish_command."""
+        info = self._client.publish(topic, payload, qos=qos, retain=False)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise ConnectionError(f"could not queue message on {topic}: {mqtt.error_string(info.rc)}")
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.error("mqtt.connect_refused", reason=str(reason_code))

@@ -82,7 +82,7 @@ class ModelPublisher:
             for key, value in keys.items():
                 setattr(mv, key, value)
             mv.bundle_sha256, mv.bundle_size = sha, size
-            registry.promote(session, version)
+            registry.approve(session, version, actor)  # registering an external model is its approval
             audit.record(session, actor, "model.register", f"version:{version}", source)
             session.commit()
         return version

@@ -1,4 +1,9 @@
-"""Model registry: versions with metrics and lineage, and the production/previous/candidate aliases."""
+"""Model registry: versions with metrics and lineage, and the production/previous/candidate aliases.
+
+Approval makes a version production (automatically by policy when its gate passed, or by an
+operator); rollback makes ``previous`` production again in one call. Every change of an
+alias is written to the append-only audit log by the caller that knows who acted.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +38,50 @@ def set_alias(session: Session, name: str, version: int) -> None:
         session.add(Alias(name=name, version=version))
     else:
         alias.version, alias.updated_at = version, utcnow()
+
+
+class RegistryError(ValueError):
+    """A registry action that cannot be done, with why (the API turns it into a 409)."""
+
+
+def clear_alias(session: Session, name: str) -> None:
+    alias = session.get(Alias, name)
+    if alias is not None:
+        session.delete(alias)
+
+
+def approve(session: Session, version: int, actor: str) -> ModelVersion:
+    """Approve a gated candidate for production (``actor`` is a user or ``policy:auto``)."""
+    mv = session.get(ModelVersion, version)
+    if mv is None:
+        raise RegistryError(f"model version {version} does not exist")
+    if mv.status == "rejected":
+        raise RegistryError(f"version {version} was rejected by its gate ({mv.reason}); it cannot be approved")
+    if mv.status == "production":
+        raise RegistryError(f"version {version} is already production")
+    if not mv.bundle_key:
+        raise RegistryError(f"version {version} has no signed bundle yet")
+    mv.approved_by, mv.approved_at = actor, utcnow()
+    promote(session, version)
+    candidate = session.get(Alias, CANDIDATE)
+    if candidate is not None and candidate.version == version:
+        clear_alias(session, CANDIDATE)
+    return mv
+
+
+def rollback(session: Session) -> tuple[int, int]:
+    """Production goes back to ``previous``; returns (from_version, to_version)."""
+    current, previous = production(session), alias_version(session, PREVIOUS)
+    if current is None:
+        raise RegistryError("there is no production model to roll back")
+    if previous is None:
+        raise RegistryError(f"version {current.version} has no previous production version to roll back to")
+    current.status = "rolled_back"
+    previous.status = "production"
+    set_alias(session, PRODUCTION, previous.version)
+    # The version before `previous` is not tracked by alias: after a rollback there is none.
+    clear_alias(session, PREVIOUS)
+    return current.version, previous.version
 
 
 def promote(session: Session, version: int) -> None:

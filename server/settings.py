@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,7 +42,61 @@ class TrainingPolicy(BaseSettings):
     golden_tolerance: float = Field(0.0, ge=0, le=1)
     # Gate: the candidate must beat production on the new-data split by at least this.
     min_new_data_gain: float = Field(0.0, ge=0, le=1)
+    # Gate (bias check): no class's golden recall and no source device's new-data recall may drop more.
+    max_recall_drop: float = Field(0.05, ge=0, le=1)
+    min_slice_instances: int = Field(20, ge=1)
+    # Gate: the exported ONNX artifact's mAP50-95 must match the .pt's within this.
+    artifact_tolerance: float = Field(0.02, ge=0, le=1)
+    # Approval of a passing candidate: "auto" promotes it, "manual" waits for an operator.
+    approval: Literal["auto", "manual"] = "auto"
     timeout_seconds: int = Field(6 * 3600, ge=60)
+
+    # Data contract, checked before training on every new batch.
+    max_reject_fraction: float = Field(0.2, ge=0, le=1)
+    near_duplicate_distance: int = Field(4, ge=0, le=32)
+    min_class_share: float = Field(0.05, ge=0, le=1)
+    # Poisoning defense per source device.
+    poison_max_contradiction_rate: float = Field(0.3, ge=0, le=1)
+    poison_max_class_divergence: float = Field(0.5, ge=0, le=1)
+    poison_min_samples: int = Field(20, ge=1)
+
+
+class KubernetesExecutorSettings(BaseSettings):
+    """Where a retrain runs when ``EDGELOOP_EXECUTOR=kubernetes``: one Job per retrain
+    (server/pipeline/k8s_executor.py renders it; deploy/k8s/ has the cluster side)."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_K8S_", extra="ignore")
+
+    namespace: str = "edgeloop"
+    image: str = ""  # the edgeloop image with the training extra (deploy/Dockerfile); required
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    service_account: str = "edgeloop-training"
+    gpu_count: int = Field(1, ge=0, le=16)  # 0: a CPU-only pod
+    gpu_resource: str = "nvidia.com/gpu"
+    cpu_request: str = "4"
+    memory_request: str = "16Gi"
+    memory_limit: str = "32Gi"
+    scratch_size: str = "50Gi"  # emptyDir for the staged dataset, weights and outputs
+    shm_size: str = "8Gi"  # PyTorch data-loader workers pass batches through /dev/shm
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    # Kubernetes tolerations as JSON objects (key, operator, value, effect, tolerationSeconds);
+    # the default matches the taint deploy/terraform puts on the GPU node pool.
+    tolerations: list[dict[str, str | int]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    priority_class: str = ""
+    # Object-store credentials reach the pod from this Secret, never through the Job spec.
+    s3_secret: str = "edgeloop-object-store"
+    s3_access_key_field: str = "access-key"
+    s3_secret_key_field: str = "secret-key"
+    s3_endpoint: str = ""  # host:port pods reach the object store at; empty: EDGELOOP_S3_ENDPOINT
+    run_as_user: int = Field(10001, ge=1)
+    ttl_seconds_after_finished: int = Field(3600, ge=0)  # safety net when teardown could not run
+    pod_start_timeout_seconds: int = Field(1800, ge=30)  # image pull + GPU node scale-up from zero
+    log_idle_seconds: int = Field(300, ge=5)  # a silent log stream is re-opened after this long
+    poll_seconds: float = Field(5.0, gt=0, le=300)
+    kubeconfig: Path | None = None  # None: the in-cluster service account, else ~/.kube/config
+    context: str | None = None
 
 
 class ServerSettings(BaseSettings):
@@ -88,6 +143,11 @@ class ServerSettings(BaseSettings):
     replay_data: Path | None = None
 
     training: TrainingPolicy = Field(default_factory=TrainingPolicy)
+    # Where retrain compute runs: a local subprocess, or one Kubernetes Job per retrain.
+    executor: Literal["local", "kubernetes"] = "local"
+    kubernetes: KubernetesExecutorSettings = Field(default_factory=KubernetesExecutorSettings)
+    # Alerts (rejected candidates, quarantined devices, halted batches) are also POSTed here.
+    alert_webhook_url: str = ""
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -30,3 +30,10 @@ class DeployRequest(BaseModel):
     devices: list[str] | None = None  # None: every enrolled device
     mode: Literal["shadow_then_switch", "direct"] = "shadow_then_switch"
     shadow_frames: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class RegistryActionRequest(BaseModel):
+    """Approve, roll back or release: a person's reason goes into the audit log."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(default="", max_length=2000)

@@ -141,6 +141,11 @@ class ModelVersion(Base):
     bundle_sha256: Mapped[str] = mapped_column(String(64), default="")
     bundle_size: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str] = mapped_column(Text, default="")
+    # Who approved the version for production ("policy:auto" when the gate's pass sufficed).
+    approved_by: Mapped[str] = mapped_column(String(128), default="")
+    approved_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The shipped artifact: format, opset, parity with PyTorch, TensorRT engines built or skipped.
+    artifacts: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class Alias(Base):
@@ -177,3 +182,36 @@ class AuditEntry(Base):
     target: Mapped[str] = mapped_column(String(256), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
     source: Mapped[str] = mapped_column(String(64), default="")
+
+
+class Quarantine(Base):
+    """A decision that a device's labels are held back from training, with its evidence."""
+
+    __tablename__ = "quarantines"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16))  # quarantined | released
+    decided_at: Mapped[datetime] = mapped_column(default=utcnow)
+    decided_by: Mapped[str] = mapped_column(String(128), default="policy")
+    job_id: Mapped[int | None] = mapped_column(default=None)
+    reasons: Mapped[list[Any]] = mapped_column(default=list)
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    thresholds: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    released_by: Mapped[str] = mapped_column(String(128), default="")
+    released_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class AlertRecord(Base):
+    """Something an operator or engineer must see: a rejected candidate, a quarantine, a halt."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    severity: Mapped[str] = mapped_column(String(16))
+    subject: Mapped[str] = mapped_column(String(256), default="")
+    message: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    webhook_status: Mapped[str] = mapped_column(String(64), default="")

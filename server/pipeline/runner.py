@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import structlog
 import yaml
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from server import metrics, registry
-from server.db.models import ModelVersion, Snapshot, TrainingJob, utcnow
+from protocol.alerts import AlertKind, Severity
+from server import audit, metrics, registry
+from server.db.models import Device, ModelVersion, Snapshot, TrainingJob, utcnow
+from server.pipeline.data_gate import CachedStore, DataGate
 from server.pipeline.executor import JobFailed
 from server.pipeline.gate import GatePolicy, decide
 from server.pipeline.snapshot import build_snapshot, materialize
@@ -40,11 +45,36 @@ def replay_images(data_yaml: Path, count: int) -> list[Path]:
     return [images[int(i * step)] for i in range(count)]
 
 
-def write_train_list(root: Path, train: list[Path]) -> Path:
+def write_train_list(root: Path, train: list[Path], name: str = "train.txt") -> Path:
     """Ultralytics reads a split from a text file of image paths: nothing is copied."""
-    listing = root / "train.txt"
+    listing = root / name
     listing.write_text("".join(f"{p.resolve()}\n" for p in train))
     return listing
+
+
+def device_slices(root: Path, manifest: dict, val_images: list[Path], class_names: list[str]) -> dict[str, str]:
+    """One eval set per source device over its share of the new-data split (the gate's bias check)."""
+    device_of = {e["id"]: e["device_id"] for e in manifest["samples"]}
+    by_device: dict[str, list[Path]] = defaultdict(list)
+    for path in val_images:
+        by_device[device_of.get(path.stem, "unknown")].append(path)
+    sets = {}
+    for device, images in sorted(by_device.items()):
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", device)
+        listing = write_train_list(root, images, f"val-{safe}.txt")
+        sets[f"device:{device}"] = str(synth.write_data_yaml(root, [listing], [listing], class_names,
+                                                             filename=f"device-{safe}.yaml"))
+    return sets
+
+
+def fleet_engine_targets(session: Session) -> list[dict]:
+    """(compute capability, TensorRT version) pairs the fleet reports: one engine each."""
+    targets = set()
+    for hw in session.scalars(select(Device.hardware).where(Device.revoked.is_(False))):
+        if hw and hw.get("gpu_compute_capability") and hw.get("tensorrt_version"):
+            targets.add((hw["gpu_compute_capability"], hw["tensorrt_version"]))
+    return [{"gpu_compute_capability": cc, "tensorrt_version": trt, "precision": "fp16"}
+            for cc, trt in sorted(targets)]
 
 
 class RetrainRunner:
@@ -56,6 +86,7 @@ class RetrainRunner:
         executor,
         publisher,
         on_promoted: Callable[[int], None] | None = None,
+        alerts=None,
     ) -> None:
         self._settings = settings
         self._sessions = session_factory
@@ -63,6 +94,8 @@ class RetrainRunner:
         self._executor = executor
         self._publisher = publisher
         self._on_promoted = on_promoted
+        self._alerts = alerts
+        self._data_gate = DataGate(settings, store, alerts)
 
     # ------------------------------------------------------------------ helpers
 
@@ -85,6 +118,16 @@ class RetrainRunner:
             session.commit()
         metrics.STAGE_SECONDS.labels(stage=name).set(seconds)
 
+    def _merge_result(self, job_id: int, **fields) -> None:
+        with self._sessions() as session:
+            job = session.get(TrainingJob, job_id)
+            job.result = {**(job.result or {}), **fields}
+            session.commit()
+
+    def _alert(self, kind: AlertKind, severity: Severity, message: str, **details) -> None:
+        if self._alerts is not None:
+            self._alerts.raise_alert(kind, severity, message, subject=details.pop("subject", ""), details=details)
+
     def _log(self, job_id: int, line: str) -> None:
         with self._sessions() as session:
             job = session.get(TrainingJob, job_id)
@@ -104,19 +147,39 @@ class RetrainRunner:
         try:
             outcome = self._run(job_id, work)
         except JobFailed as exc:
-            self._update(job_id, status="failed", result={"error": str(exc)})
+            self._update(job_id, status="failed")
+            self._merge_result(job_id, error=str(exc))
             self._log(job_id, f"failed: {exc}")
         except Exception as exc:
             log.exception("retrain.failed", job=job_id)
-            self._update(job_id, status="failed", result={"error": f"{type(exc).__name__}: {exc}"})
+            self._update(job_id, status="failed")
+            self._merge_result(job_id, error=f"{type(exc).__name__}: {exc}")
             self._log(job_id, f"failed: {type(exc).__name__}: {exc}")
         finally:
             self._update(job_id, finished_at=utcnow(), stage="")
             metrics.JOB_SECONDS.labels(outcome=outcome).observe(time.monotonic() - started)
             log.info("retrain.finished", job=job_id, outcome=outcome)
 
+    def _validate(self, job_id: int):
+        with self._stage(job_id, "validate"), self._sessions() as session:
+            checked = self._data_gate.run(session, job_id)
+        report = checked.contract
+        self._merge_result(job_id, data=checked.as_dict())
+        if checked.quarantined:
+            self._log(job_id, f"quarantined devices: {', '.join(sorted(checked.quarantined))}")
+        self._log(job_id, f"data contract: {len(report.accepted)} accepted, {len(report.rejected)} rejected "
+                          f"of {report.checked}" + (f"; {'; '.join(report.class_warnings)}"
+                                                     if report.class_warnings else ""))
+        if report.halted:
+            self._alert(AlertKind.DATA_CONTRACT_HALT, Severity.CRITICAL, f"retrain job {job_id} halted: "
+                        f"{report.halt_reason}", subject=f"job {job_id}", job_id=job_id,
+                        reject_reasons=report.reject_reasons)
+            raise JobFailed(f"data contract: {report.halt_reason}")
+        return checked
+
     def _run(self, job_id: int, work: Path) -> str:
         s, policy = self._settings, self._settings.training
+        checked = self._validate(job_id)
         with self._stage(job_id, "snapshot"), self._sessions() as session:
             prod = registry.production(session)
             if prod is None:
@@ -134,7 +197,8 @@ class RetrainRunner:
                               f"from {len(snapshot.devices)} devices, parent {snapshot.parent_id}")
 
         with self._stage(job_id, "dataset"):
-            dataset = materialize(self._store, manifest, work / "data", policy.val_fraction)
+            dataset = materialize(CachedStore(self._store, checked.cache), manifest, work / "data",
+                                  policy.val_fraction)
             replay = []
             if s.replay_data:
                 replay = replay_images(s.replay_data, int(len(dataset.train_images) * policy.replay_ratio))
@@ -150,9 +214,13 @@ class RetrainRunner:
 
         eval_sets = {"golden": str(s.eval_sets["golden"]), "new_data": str(new_data_yaml)}
         eval_sets.update({k: str(v) for k, v in s.eval_sets.items() if k != "golden"})
+        eval_sets.update(device_slices(work / "data", manifest, dataset.val_images, s.class_names))
+        with self._sessions() as session:
+            engine_targets = fleet_engine_targets(session)
         spec = {
             "base_weights": str(prod_pt), "data_yaml": str(data_yaml), "out_dir": str(work / "out"),
             "imgsz": policy.imgsz, "finetune": policy.finetune_params(), "eval_sets": eval_sets,
+            "onnx_eval_sets": ["golden", "new_data"], "engine_targets": engine_targets,
             "production_weights": str(prod_pt), "config_dir": str((s.data_dir / "ultralytics").resolve()),
         }
 
@@ -176,8 +244,12 @@ class RetrainRunner:
 
         candidate, production = result["metrics"]["candidate"], result["metrics"]["production"]
         with self._stage(job_id, "gate"):
-            decision = decide(candidate, production,
-                              GatePolicy(policy.golden_tolerance, policy.min_new_data_gain))
+            decision = decide(candidate, production, GatePolicy(
+                policy.golden_tolerance, policy.min_new_data_gain, max_recall_drop=policy.max_recall_drop,
+                artifact_tolerance=policy.artifact_tolerance, min_slice_instances=policy.min_slice_instances))
+        artifacts = {"export": result.get("export", {}), "engines": result.get("engines", [])}
+        for build in artifacts["engines"]:
+            self._log(job_id, f"engine {build['target']}: {build['status']} {build.get('reason', '')}".rstrip())
         hyper = {**result["hyperparameters"], "environment": result["environment"],
                  "replay_ratio": policy.replay_ratio, "val_fraction": policy.val_fraction}
         with self._sessions() as session:
@@ -186,7 +258,7 @@ class RetrainRunner:
                 version=version, name=s.model_name, status="candidate", parent_version=prod_version,
                 snapshot_id=snapshot.id, job_id=job_id, metrics=candidate, hyperparameters=hyper,
                 gate={**decision.as_dict(), "production_metrics": production}, class_names=s.class_names,
-                imgsz=policy.imgsz, reason="; ".join(decision.reasons),
+                imgsz=policy.imgsz, reason="; ".join(decision.reasons), artifacts=artifacts,
             )
             session.add(mv)
             session.commit()
@@ -195,9 +267,12 @@ class RetrainRunner:
                 session.get(ModelVersion, version).status = "rejected"
                 job = session.get(TrainingJob, job_id)
                 job.status, job.candidate_version = "rejected", version
-                job.result = {"gate": decision.as_dict(), "metrics": result["metrics"]}
+                job.result = {**(job.result or {}), "gate": decision.as_dict(), "metrics": result["metrics"]}
                 session.commit()
             self._log(job_id, "gate failed: " + "; ".join(decision.reasons))
+            self._alert(AlertKind.MODEL_REJECTED, Severity.WARNING,
+                        f"candidate version {version} rejected: " + "; ".join(decision.reasons),
+                        subject=f"model {version}", version=version, job_id=job_id, gate=decision.as_dict())
             return "rejected"
 
         with self._stage(job_id, "bundle"):
@@ -215,11 +290,20 @@ class RetrainRunner:
                 for key, value in keys.items():
                     setattr(mv, key, value)
                 mv.bundle_sha256, mv.bundle_size = bundle_sha, bundle_size
-                registry.promote(session, version)  # approval policy: automatic when the gate passes
+                automatic = policy.approval == "auto"
+                if automatic:
+                    registry.approve(session, version, "policy:auto")
+                    audit.record(session, "policy:auto", "model.approve", f"version:{version}", "pipeline",
+                                 reason="gate passed; approval policy is automatic")
+                else:
+                    registry.set_alias(session, registry.CANDIDATE, version)
                 job = session.get(TrainingJob, job_id)
                 job.status, job.candidate_version = "succeeded", version
-                job.result = {"gate": decision.as_dict(), "metrics": result["metrics"]}
+                job.result = {**(job.result or {}), "gate": decision.as_dict(), "metrics": result["metrics"]}
                 session.commit()
+        if not automatic:
+            self._log(job_id, f"registered version {version} as candidate, awaiting an operator's approval")
+            return "succeeded"
         self._log(job_id, f"registered version {version} as production")
         if self._on_promoted is not None:
             self._on_promoted(version)

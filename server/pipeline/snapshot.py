@@ -15,6 +15,10 @@ from sqlalchemy.orm import Session
 from server.db.models import Sample, Snapshot
 
 
+class SnapshotError(ValueError):
+    """A stored snapshot is missing or does not match its content address."""
+
+
 @dataclass(frozen=True)
 class MaterializedDataset:
     train_images: list[Path]
@@ -113,3 +117,40 @@ def materialize(store, manifest: dict, root: Path, val_fraction: float) -> Mater
         label.rename(root / "val" / "labels" / label.name)
         val[0] = moved
     return MaterializedDataset(train_images=train, val_images=val, val_dir=root / "val" / "images")
+
+
+def load_snapshot_manifest(store, snapshot_id: str) -> dict:
+    """The stored manifest, checked against its content address (the id is its sha256)."""
+    try:
+        data = store.get_bytes(f"snapshots/{snapshot_id}.json", max_bytes=512 * 1024 * 1024)
+    except Exception as exc:
+        raise SnapshotError(f"snapshot {snapshot_id} is not in the object store: {exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != snapshot_id:
+        raise SnapshotError(f"snapshot manifest hashes to {digest[:12]}…, not its id {snapshot_id[:12]}…")
+    return json.loads(data)
+
+
+def rebuild_snapshot(store, snapshot_id: str, dest: Path, *, with_parents: bool = False) -> int:
+    """Write the snapshot's images and YOLO labels to ``dest`` byte for byte; returns the image count.
+
+    Every image is checked against the sha256 recorded in the manifest, so what comes out is
+    exactly what trained the model. ``with_parents`` follows the chain to the first snapshot.
+    """
+    count, current = 0, snapshot_id
+    while current:
+        manifest = load_snapshot_manifest(store, current)
+        for entry in manifest["samples"]:
+            data = store.get_bytes(entry["object_key"], max_bytes=64 * 1024 * 1024)
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise SnapshotError(f"object {entry['object_key']} changed since snapshot {current[:12]}…")
+            suffix = Path(entry["object_key"]).suffix or ".jpg"
+            image = dest / "images" / f"{entry['id']}{suffix}"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            image.write_bytes(data)
+            label = dest / "labels" / f"{entry['id']}.txt"
+            label.parent.mkdir(parents=True, exist_ok=True)
+            label.write_text(yolo_label_lines(entry["labels"] or []))
+            count += 1
+        current = manifest["parent"] if with_parents else None
+    return count

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from server.pipeline.executor import JobFailed
 from server.pipeline.runner import RetrainRunner
 from server.publish import public_key_path
 from server.settings import ServerSettings
+from training.synth import render_frame
 
 pytestmark = pytest.mark.integration
 
@@ -80,28 +82,37 @@ def ctx(seaweedfs, tmp_path, tiny_onnx):
     context.engine.dispose()
 
 
-def _add_samples(ctx, n: int) -> None:
+def _add_samples(ctx, n: int, device: str = "cam-1", start: int = 0, labels=None, predictions=None,
+                 image=None) -> list[str]:
+    """``n`` validated samples of distinct synthetic scenes (the data contract refuses near duplicates)."""
+    ids = []
     with ctx.sessions() as session:
-        for i in range(n):
-            ok, data = cv2.imencode(".jpg", np.full((32, 32, 3), (i * 7) % 255, np.uint8))
-            data = data.tobytes()
-            key = f"images/cam-1/{uuid.uuid4().hex}.jpg"
+        for i in range(start, start + n):
+            frame = image if image is not None else render_frame("base", seed=5, index=i, imgsz=64)[0]
+            data = frame if isinstance(frame, bytes) else cv2.imencode(".jpg", frame)[1].tobytes()
+            key = f"images/{device}/{uuid.uuid4().hex}.jpg"
             ctx.store.put_bytes(key, data, "image/jpeg")
-            session.add(Sample(id=uuid.uuid4().hex, device_id="cam-1", object_key=key,
-                               sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), width=32, height=32,
-                               reason="correction", labels=[{"cls": 1, "cx": 0.5, "cy": 0.5, "w": 0.3, "h": 0.3}],
-                               status="validated"))
+            sample_id = uuid.uuid4().hex
+            ids.append(sample_id)
+            session.add(Sample(id=sample_id, device_id=device, object_key=key,
+                               sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), width=64, height=64,
+                               reason="correction",
+                               labels=labels if labels is not None else [{"cls": 1, "cx": 0.5, "cy": 0.5,
+                                                                         "w": 0.3, "h": 0.3}],
+                               predictions=predictions or [], status="validated"))
         session.commit()
+    return ids
 
 
-def _run(ctx, executor) -> tuple[TrainingJob, list[int]]:
+def _run(ctx, executor, alerts=None) -> tuple[TrainingJob, list[int]]:
     promoted: list[int] = []
     with ctx.sessions() as session:
         job = TrainingJob(trigger="manual", reason="test")
         session.add(job)
         session.commit()
         job_id = job.id
-    RetrainRunner(ctx.settings, ctx.sessions, ctx.store, executor, ctx.publisher, promoted.append).run(job_id)
+    RetrainRunner(ctx.settings, ctx.sessions, ctx.store, executor, ctx.publisher, promoted.append,
+                  alerts=alerts if alerts is not None else ctx.alerts).run(job_id)
     with ctx.sessions() as session:
         return session.get(TrainingJob, job_id), promoted
 
@@ -120,7 +131,8 @@ def test_passing_candidate_is_bundled_signed_registered_and_promoted(ctx, tmp_pa
     (val_dir,) = yaml.safe_load(Path(executor.spec["eval_sets"]["new_data"]).read_text())["val"]
     new_val = list(Path(val_dir).glob("*.jpg"))
     assert len(new_val) >= 1 and len(train_list) == (20 - len(new_val)) + min(10, 2 * (20 - len(new_val)))
-    assert set(executor.spec["eval_sets"]) == {"golden", "new_data"}
+    assert set(executor.spec["eval_sets"]) == {"golden", "new_data", "device:cam-1"}
+    assert executor.spec["engine_targets"] == []  # no device reports a GPU
 
     with ctx.sessions() as session:
         mv = session.get(ModelVersion, 2)
@@ -165,3 +177,166 @@ def test_executor_failure_is_recorded_and_production_unchanged(ctx, tmp_path, ti
     with ctx.sessions() as session:
         assert registry.production(session).version == 1
     shutil.rmtree(tmp_path / "server" / "jobs", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- data contract, poisoning, alerts
+
+
+def _alerts(ctx, kind: str) -> list:
+    from server.db.models import AlertRecord
+
+    with ctx.sessions() as session:
+        return session.query(AlertRecord).filter_by(kind=kind).all()
+
+
+def test_contract_rejects_are_kept_with_their_reason_and_left_out_of_the_snapshot(ctx, tiny_onnx):
+    good = _add_samples(ctx, 20)
+    (corrupt,) = _add_samples(ctx, 1, start=100, image=b"\xff\xd8\xff" + b"not a jpeg" * 20)
+    (copy,) = _add_samples(ctx, 1, start=3)  # the same scene as good[3]
+    job, promoted = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), GOOD))
+    assert job.status == "succeeded", job.log
+    assert promoted == [2]
+    contract = job.result["data"]["contract"]
+    assert contract["checked"] == 22 and len(contract["accepted"]) == 20
+    with ctx.sessions() as session:
+        assert session.get(Sample, corrupt).status == "rejected"
+        assert "data contract: image does not decode" in session.get(Sample, corrupt).reject_reason
+        assert session.get(Sample, copy).status == "rejected"
+        assert "duplicate" in session.get(Sample, copy).reject_reason
+        snapshot = session.get(Snapshot, session.get(ModelVersion, 2).snapshot_id)
+        assert snapshot.sample_count == 20
+        assert {s.id for s in session.query(Sample).filter_by(snapshot_id=snapshot.id)} == set(good)
+    assert "data contract: 20 accepted, 2 rejected of 22" in job.log
+
+
+def test_too_many_rejects_halt_the_job_change_nothing_and_raise_an_alert(ctx, tiny_onnx):
+    _add_samples(ctx, 10)
+    _add_samples(ctx, 5, start=200, labels=[{"cls": 9, "cx": 0.5, "cy": 0.5, "w": 0.2, "h": 0.2}])
+    job, promoted = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), GOOD))
+    assert job.status == "failed" and promoted == []
+    assert job.result["error"].startswith("data contract: 5 of 15 samples (33%) break the data contract")
+    assert job.result["data"]["contract"]["halted"] is True
+    with ctx.sessions() as session:
+        assert {s.status for s in session.query(Sample)} == {"validated"}  # a person looks first
+        assert session.query(Snapshot).count() == 0
+    (alert,) = _alerts(ctx, "data_contract_halt")
+    assert alert.severity == "critical" and "halted" in alert.message
+
+
+def test_a_label_flipping_device_is_quarantined_its_samples_held_and_released_on_review(ctx, tiny_onnx):
+    from server.pipeline.data_gate import release_quarantine
+
+    def confident(i):
+        return [{"cls": i % 3, "cx": 0.5, "cy": 0.5, "w": 0.3, "h": 0.3, "conf": 0.95}]
+
+    for i in range(25):  # honest: labels confirm the model's confident detections
+        _add_samples(ctx, 1, "cam-1", start=i, labels=[{"cls": i % 3, "cx": 0.5, "cy": 0.5, "w": 0.3, "h": 0.3}],
+                     predictions=confident(i))
+    for i in range(25):  # flipped: every label contradicts a confident detection
+        _add_samples(ctx, 1, "cam-evil", start=100 + i,
+                     labels=[{"cls": (i + 1) % 3, "cx": 0.5, "cy": 0.5, "w": 0.3, "h": 0.3}], predictions=confident(i))
+    job, promoted = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), GOOD))
+    assert job.status == "succeeded", job.log
+    assert set(job.result["data"]["quarantined"]) == {"cam-evil"}
+    assert job.result["data"]["devices"]["cam-1"]["quarantine"] is False
+    from server.db.models import Quarantine
+
+    with ctx.sessions() as session:
+        snapshot = session.get(Snapshot, session.get(ModelVersion, 2).snapshot_id)
+        assert snapshot.devices == ["cam-1"] and snapshot.sample_count == 25
+        assert {s.status for s in session.query(Sample).filter_by(device_id="cam-evil")} == {"held"}
+        (q,) = session.query(Quarantine).all()
+        assert q.device_id == "cam-evil" and q.decided_by == "policy" and q.job_id == job.id
+        assert q.thresholds["max_contradiction_rate"] == 0.3
+        assert q.evidence["contradiction_rate"] == 1.0
+    (alert,) = _alerts(ctx, "device_quarantined")
+    assert alert.subject == "cam-evil"
+
+    with ctx.sessions() as session:
+        assert release_quarantine(session, "cam-evil", "alice") == 25
+        session.commit()
+        assert {s.status for s in session.query(Sample).filter_by(device_id="cam-evil")} == {"validated"}
+        with pytest.raises(LookupError):
+            release_quarantine(session, "cam-evil", "alice")
+
+
+def test_a_rejected_candidate_alert_reaches_mqtt_and_the_webhook(ctx, tiny_onnx, mqtt_broker):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from protocol.alerts import Alert, alert_subscription
+    from server.alerts import AlertService
+
+    posted: list[bytes] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            posted.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    received: list[bytes] = []
+    got = threading.Event()
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=mqtt_broker.server_username)
+    sub.username_pw_set(mqtt_broker.server_username, mqtt_broker.server_password)
+    sub.on_connect = lambda c, *a: c.subscribe(alert_subscription(), qos=1)
+    sub.on_message = lambda c, u, m: (received.append(m.payload), got.set())
+    sub.connect(mqtt_broker.host, mqtt_broker.port)
+    sub.loop_start()
+    try:
+        time.sleep(0.5)
+        alerts = AlertService(ctx.sessions, webhook_url=f"http://127.0.0.1:{server.server_port}/hook",
+                              publish=lambda topic, payload, qos: sub.publish(topic, payload, qos=qos))
+        _add_samples(ctx, 10)
+        worse = {"golden": {"map50": 0.80, "map50_95": 0.45}, "new_data": {"map50": 0.95, "map50_95": 0.60}}
+        with ctx.sessions() as session:
+            job = TrainingJob(trigger="manual", reason="test")
+            session.add(job)
+            session.commit()
+        RetrainRunner(ctx.settings, ctx.sessions, ctx.store, StandInExecutor(tiny_onnx("c.onnx"), worse),
+                      ctx.publisher, alerts=alerts).run(job.id)
+        alerts.flush()
+        assert got.wait(10)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+        server.shutdown()
+    on_mqtt = Alert.model_validate_json(received[0])
+    assert on_mqtt.kind == "model_rejected" and on_mqtt.details["version"] == 2
+    assert "golden mAP50-95 0.450 is below production 0.590" in on_mqtt.message
+    assert Alert.model_validate_json(posted[0]).id == on_mqtt.id
+    (row,) = _alerts(ctx, "model_rejected")
+    assert row.webhook_status == "http 204"
+
+
+def test_manual_approval_keeps_a_passing_candidate_waiting_then_approve_and_roll_back(ctx, tiny_onnx):
+    ctx.settings.training.approval = "manual"
+    _add_samples(ctx, 10)
+    job, promoted = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), GOOD))
+    assert job.status == "succeeded" and promoted == []
+    with ctx.sessions() as session:
+        assert registry.production(session).version == 1
+        assert registry.alias_version(session, "candidate").version == 2
+        with pytest.raises(registry.RegistryError, match="rejected"):
+            session.get(ModelVersion, 2).status = "rejected"
+            registry.approve(session, 2, "bob")
+        session.rollback()
+        registry.approve(session, 2, "bob")
+        session.commit()
+        assert registry.production(session).version == 2
+        assert session.get(ModelVersion, 2).approved_by == "bob"
+        assert registry.alias_version(session, "candidate") is None
+        assert registry.rollback(session) == (2, 1)
+        session.commit()
+        assert registry.production(session).version == 1
+        assert session.get(ModelVersion, 2).status == "rolled_back"
+        with pytest.raises(registry.RegistryError, match="no previous"):
+            registry.rollback(session)

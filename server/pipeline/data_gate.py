@@ -1,0 +1,148 @@
+"""The retrain's validation stage: poisoning defense per device, then the data contract.
+
+Runs before the snapshot is frozen, so a snapshot only ever holds samples that met the
+contract. Quarantined devices' samples are held back (status ``held``) for review; samples
+that break the contract are kept as ``rejected`` with their reason; a batch with too many
+rejects halts the job and changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from protocol.alerts import AlertKind, Severity
+from server.db.models import Quarantine, Sample, utcnow
+from server.settings import ServerSettings
+from training.data_contract import Candidate, ContractLimits, ContractReport, DataContract, ReferenceIndex
+from training.poisoning import LabeledSample, PoisoningPolicy, assess_devices
+
+log = structlog.get_logger(__name__)
+
+
+class CachedStore:
+    """The object store with the bytes this job already fetched: validation and materialisation
+    read each image once."""
+
+    def __init__(self, store, cache: dict[str, bytes]) -> None:
+        self._store, self._cache = store, cache
+
+    def get_bytes(self, key: str, max_bytes: int) -> bytes:
+        data = self._cache.get(key)
+        return data if data is not None else self._store.get_bytes(key, max_bytes=max_bytes)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+@dataclass
+class DataGateResult:
+    contract: ContractReport
+    quarantined: dict[str, dict] = field(default_factory=dict)
+    devices: dict[str, dict] = field(default_factory=dict)
+    cache: dict[str, bytes] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"contract": self.contract.as_dict(), "quarantined": self.quarantined, "devices": self.devices}
+
+
+def quarantined_devices(session: Session) -> set[str]:
+    latest: dict[str, str] = {}
+    for q in session.scalars(select(Quarantine).order_by(Quarantine.id)):
+        latest[q.device_id] = q.status
+    return {d for d, status in latest.items() if status == "quarantined"}
+
+
+def hold_samples_of(session: Session, devices: set[str]) -> int:
+    rows = session.scalars(select(Sample).where(Sample.status == "validated", Sample.snapshot_id.is_(None),
+                                                Sample.device_id.in_(devices))).all()
+    for s in rows:
+        s.status, s.reject_reason = "held", "source device is quarantined (poisoning defense)"
+    return len(rows)
+
+
+class DataGate:
+    def __init__(self, settings: ServerSettings, store, alerts=None) -> None:
+        self._settings = settings
+        self._store = store
+        self._alerts = alerts
+        self._golden: ReferenceIndex | None = None
+
+    def golden_index(self) -> ReferenceIndex:
+        if self._golden is None:
+            golden = self._settings.eval_sets.get("golden")
+            self._golden = (ReferenceIndex.from_data_yaml(Path(golden))
+                            if golden and Path(golden).exists() else ReferenceIndex())
+        return self._golden
+
+    def policy(self) -> PoisoningPolicy:
+        t = self._settings.training
+        return PoisoningPolicy(max_contradiction_rate=t.poison_max_contradiction_rate,
+                               max_class_divergence=t.poison_max_class_divergence,
+                               min_samples=t.poison_min_samples)
+
+    def limits(self) -> ContractLimits:
+        s, t = self._settings, self._settings.training
+        return ContractLimits(tuple(s.class_names), max_bytes=s.max_sample_bytes, max_side=s.max_image_side,
+                              near_duplicate_distance=t.near_duplicate_distance,
+                              max_reject_fraction=t.max_reject_fraction, min_class_share=t.min_class_share)
+
+    def run(self, session: Session, job_id: int) -> DataGateResult:
+        """Check the pending batch; commits sample/quarantine changes unless the batch halts."""
+        hold_samples_of(session, quarantined_devices(session))
+        pending = session.scalars(select(Sample).where(Sample.status == "validated", Sample.snapshot_id.is_(None))
+                                  .order_by(Sample.id)).all()
+        policy = self.policy()
+        verdicts = assess_devices(
+            [LabeledSample(s.device_id, s.labels or [], s.predictions or []) for s in pending],
+            len(self._settings.class_names), policy)
+        result = DataGateResult(ContractReport(), devices={d: v.as_dict() for d, v in verdicts.items()})
+        bad = {d for d, v in verdicts.items() if v.quarantine}
+        for device in sorted(bad):
+            verdict = verdicts[device]
+            session.add(Quarantine(device_id=device, status="quarantined", decided_by="policy", job_id=job_id,
+                                   reasons=verdict.reasons, evidence=verdict.as_dict(),
+                                   thresholds=policy.__dict__.copy()))
+            result.quarantined[device] = verdict.as_dict()
+        held = hold_samples_of(session, bad) if bad else 0
+        session.commit()  # a quarantine stands even if the contract then halts the batch
+        if held:
+            log.warning("data_gate.held", samples=held, devices=sorted(bad))
+        for device in sorted(bad):
+            if self._alerts is not None:
+                self._alerts.raise_alert(
+                    AlertKind.DEVICE_QUARANTINED, Severity.WARNING,
+                    f"device {device} quarantined: " + "; ".join(verdicts[device].reasons),
+                    subject=device, details={"job_id": job_id, **verdicts[device].as_dict()})
+        keep = [s for s in pending if s.device_id not in bad]
+
+        known = set(session.scalars(select(Sample.sha256).where(Sample.snapshot_id.is_not(None))))
+        for s in keep:
+            result.cache[s.object_key] = self._store.get_bytes(s.object_key, max_bytes=self._settings.max_sample_bytes)
+        contract = DataContract(self.limits(), self.golden_index(), known)
+        result.contract = contract.check_batch(
+            Candidate(s.id, result.cache[s.object_key], s.labels, s.device_id) for s in keep)
+        if result.contract.halted:
+            return result  # a halted batch marks nothing: a person looks at the report first
+        by_id = {s.id: s for s in keep}
+        for sample_id, reason in result.contract.rejected.items():
+            by_id[sample_id].status, by_id[sample_id].reject_reason = "rejected", f"data contract: {reason}"
+            result.cache.pop(by_id[sample_id].object_key, None)
+        session.commit()
+        return result
+
+
+def release_quarantine(session: Session, device_id: str, actor: str) -> int:
+    """An engineer reviewed the device: its held samples go back to the pending batch."""
+    if device_id not in quarantined_devices(session):
+        raise LookupError(f"device {device_id} is not quarantined")
+    session.add(Quarantine(device_id=device_id, status="released", decided_by=actor, released_by=actor,
+                           released_at=utcnow()))
+    rows = session.scalars(select(Sample).where(Sample.device_id == device_id, Sample.status == "held")).all()
+    for s in rows:
+        s.status, s.reject_reason = "validated", ""
+    return len(rows)
