@@ -14,6 +14,26 @@ class JobFailed(RuntimeError):
     pass
 
 
+def parse_event(line: str) -> dict | None:
+    """One job-runner progress event from a line of its output, or None for any other line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
+
+
+def make_executor(settings, store):
+    """The executor ``settings.executor`` names: ``local`` (default) or ``kubernetes``."""
+    if settings.executor == "kubernetes":
+        from server.pipeline.k8s_executor import KubernetesJobExecutor
+
+        return KubernetesJobExecutor.from_settings(settings, store)
+    return LocalSubprocessExecutor(timeout_seconds=settings.training.timeout_seconds)
+
+
 class LocalSubprocessExecutor:
     """Runs ``python -m training.job_runner SPEC`` and relays each progress event."""
 
@@ -37,11 +57,8 @@ class LocalSubprocessExecutor:
             for line in proc.stdout:
                 log_file.write(line)
                 log_file.flush()  # readable while the job runs
-                if not line.startswith("{"):
-                    continue
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
+                event = parse_event(line)
+                if event is None:
                     continue
                 if event.get("event") == "result":
                     result = event["result"]
