@@ -99,3 +99,71 @@ def synth_cmd(
             )
             result = f"{train} train + {val} val images; {data_yaml}"
     console.print(f"[green]wrote[/green] {result}")
+
+
+@data_app.command("import")
+def import_cmd(
+    path: Path = typer.Argument(..., exists=True, file_okay=False, help="YOLO export (CVAT, Label Studio, "
+                                "Roboflow, Ultralytics) or a folder of images with .txt labels."),
+    source: str = typer.Option(..., "--source", help="Name recorded as the samples' source, e.g. cvat-line3."),
+    names: str = typer.Option("", "--names", help="Comma-separated class names for a plain folder."),
+    classes: str = typer.Option("", "--classes", help="Registered class names (default: ask the server)."),
+    batch: int = typer.Option(64, "--batch", min=1, max=256, help="Images per request."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only read and check the dataset locally."),
+    api_url: str = typer.Option(None, "--api-url", envvar="EDGELOOP_API_URL", help="Server URL."),
+    token: str = typer.Option(None, "--token", envvar="EDGELOOP_TOKEN", help="Engineer API token.",
+                              show_default=False),
+) -> None:
+    """Import labeled images through the server's ingest checks (engineer role)."""
+    import json
+
+    import httpx
+
+    from training.yolo_import import ImportError_, iter_batches, plan_import
+
+    api_url = api_url or "http://127.0.0.1:8000"
+    client = httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {token or ''}"}, timeout=120)
+    registered = [c.strip() for c in classes.split(",") if c.strip()]
+    if not registered and not dry_run:
+        registered = _registered_classes(client)
+    try:
+        plan = plan_import(path, registered or [], [n.strip() for n in names.split(",") if n.strip()] or None)
+    except ImportError_ as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"{plan.layout} layout, classes {plan.names}: {len(plan.usable)} usable, "
+                  f"{len(plan.refused)} refused locally")
+    for item in plan.refused[:20]:
+        console.print(f"  [yellow]refused[/] {item.image.name}: {item.reason}")
+    if dry_run or not plan.usable:
+        raise typer.Exit(0 if plan.usable or dry_run else 1)
+    totals: dict[str, int] = {}
+    with _progress() as progress:
+        task = progress.add_task("importing", total=len(plan.usable))
+        for chunk in iter_batches(plan.usable, batch):
+            files = [("files", (i.image.name, i.image.read_bytes())) for i in chunk]
+            response = client.post("/api/v1/imports", files=files,
+                                   data={"source": source, "labels": json.dumps([i.labels for i in chunk])})
+            if response.status_code >= 400:
+                console.print(f"[red]error:[/] {response.status_code}: {response.text[:300]}")
+                raise typer.Exit(1)
+            body = response.json()
+            for key, value in body["counts"].items():
+                totals[key] = totals.get(key, 0) + value
+            for item in body["items"]:
+                if item["status"] == "rejected":
+                    progress.console.print(f"  [yellow]rejected[/] {item['file']}: {item['reason']}")
+            progress.advance(task, len(chunk))
+    console.print("imported: " + ", ".join(f"{v} {k}" for k, v in sorted(totals.items())))
+
+
+def _registered_classes(client) -> list[str]:
+    response = client.get("/api/v1/models", params={"limit": 1})
+    if response.status_code >= 400:
+        console.print(f"[red]error:[/] cannot read the registry ({response.status_code}); pass --classes")
+        raise typer.Exit(1)
+    items = response.json()["items"]
+    if not items:
+        console.print("[red]error:[/] no model registered yet; pass --classes")
+        raise typer.Exit(1)
+    return list(items[0]["class_names"])

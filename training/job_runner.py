@@ -33,6 +33,24 @@ def _metrics_dict(m) -> dict:
     }
 
 
+def environment(ultralytics_version: str) -> dict:
+    """Library versions and the hardware the job ran on, recorded with the model."""
+    import os
+
+    import onnx
+    import onnxruntime
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "python": platform.python_version(), "ultralytics": ultralytics_version, "torch": torch.__version__,
+        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": 17,
+        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "gpu": gpu, "cuda": torch.version.cuda if gpu else None,
+        "platform": platform.platform(),
+    }
+
+
 def _sample_images(eval_sets: dict[str, str], count: int) -> list[Path]:
     """A few validation images for the export parity check (new data first, then golden)."""
     import yaml
@@ -143,13 +161,7 @@ def run(spec: dict) -> dict:
         "export": {"format": "onnx", "imgsz": imgsz, "parity": parity.as_dict()},
         "engines": [b.as_dict() for b in engines],
         "hyperparameters": trained.hyperparameters,
-        "environment": {
-            "python": platform.python_version(),
-            "ultralytics": ultralytics.__version__,
-            "torch": __import__("torch").__version__,
-            "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(),
-        },
+        "environment": environment(ultralytics.__version__),
     }
     (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     emit("result", result=result)

@@ -1,10 +1,11 @@
-"""Registry and data-governance API: approval, rollback, lineage, snapshots, alerts, quarantines."""
+"""Registry and data-governance API: approval, rollback, lineage, snapshots, alerts, quarantines, imports."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from sqlalchemy import func, select
 
 from protocol.api import API_PREFIX
@@ -14,8 +15,10 @@ from server.api.schemas import RegistryActionRequest
 from server.auth import Principal, Role
 from server.context import ServerContext
 from server.db.models import AlertRecord, ModelVersion, Quarantine, Sample, Snapshot
+from server.importer import import_image, import_source
 from server.pipeline.data_gate import quarantined_devices, release_quarantine
 from server.pipeline.snapshot import SnapshotError, load_snapshot_manifest
+from server.sample_validation import ImageLimits
 
 router = APIRouter(prefix=API_PREFIX)
 
@@ -136,3 +139,40 @@ def release_device(device_id: str, request: Request, body: RegistryActionRequest
                      client_address(request), samples=released, reason=body.reason if body else "")
         session.commit()
     return {"device_id": device_id, "released_samples": released}
+
+
+@router.post("/imports")
+async def import_labeled_images(
+    request: Request,
+    source: str = Form(..., description="name of the imported dataset, e.g. cvat-line3-2026-11"),
+    labels: str = Form(..., description='JSON list, one per file: [{"cls","cx","cy","w","h"}, ...]'),
+    files: list[UploadFile] = File(...),
+    ctx: ServerContext = Depends(get_context),
+    who: Principal = Depends(require(Role.ENGINEER)),
+) -> dict:
+    """Labeled images (registered class ids) through the ingest checks; at most 256 per call."""
+    try:
+        source_id = import_source(source)
+        per_file = json.loads(labels)
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise HTTPException(422, str(exc)) from None
+    if not isinstance(per_file, list) or len(per_file) != len(files):
+        raise HTTPException(422, f"labels must be a JSON list with one entry per file ({len(files)} files)")
+    if len(files) > 256:
+        raise HTTPException(413, "at most 256 files per import call")
+    s = ctx.settings
+    limits = ImageLimits(max_bytes=s.max_sample_bytes, max_side=s.max_image_side)
+    results = []
+    with ctx.sessions() as session:
+        for upload, boxes in zip(files, per_file, strict=True):
+            data = await upload.read(s.max_sample_bytes + 1)
+            if not isinstance(boxes, list):
+                results.append({"file": upload.filename, "status": "rejected", "reason": "labels must be a list"})
+                continue
+            sample_id, status, reason = import_image(session, ctx.store, source_id, data, boxes, s.class_names,
+                                                     limits)
+            results.append({"file": upload.filename, "sample_id": sample_id, "status": status, "reason": reason})
+        counts = Counter(r["status"] for r in results)
+        audit.record(session, who.subject, "data.import", source_id, client_address(request), **counts)
+        session.commit()
+    return {"source": source_id, "counts": dict(counts), "items": results}

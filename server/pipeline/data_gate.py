@@ -97,8 +97,10 @@ class DataGate:
         pending = session.scalars(select(Sample).where(Sample.status == "validated", Sample.snapshot_id.is_(None))
                                   .order_by(Sample.id)).all()
         policy = self.policy()
+        # Imports were put there by an engineer (audited), not by a device: not judged as a device.
         verdicts = assess_devices(
-            [LabeledSample(s.device_id, s.labels or [], s.predictions or []) for s in pending],
+            [LabeledSample(s.device_id, s.labels or [], s.predictions or []) for s in pending
+             if not s.device_id.startswith("import:")],
             len(self._settings.class_names), policy)
         result = DataGateResult(ContractReport(), devices={d: v.as_dict() for d, v in verdicts.items()})
         bad = {d for d, v in verdicts.items() if v.quarantine}

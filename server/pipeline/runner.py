@@ -229,8 +229,11 @@ class RetrainRunner:
             if kind == "stage":
                 self._update(job_id, stage=event["stage"])
             elif kind == "epoch":
-                self._update(job_id, progress={"epoch": event["epoch"], "epochs": event["epochs"],
-                                               "losses": event.get("losses", {}), "seconds": event.get("seconds")})
+                epoch, epochs, seconds = event["epoch"], event["epochs"], event.get("seconds")
+                # ETA from the mean epoch time so far: epochs here are of equal size.
+                eta = round(seconds / epoch * (epochs - epoch), 1) if seconds and epoch else None
+                self._update(job_id, progress={"epoch": epoch, "epochs": epochs, "losses": event.get("losses", {}),
+                                               "seconds": seconds, "eta_seconds": eta})
             elif kind in {"evaluated", "error"}:
                 self._log(job_id, str(event))
 

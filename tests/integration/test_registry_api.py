@@ -158,3 +158,44 @@ def test_alerts_list_and_quarantine_release_need_the_right_roles(api):
     assert api.post("/api/v1/devices/cam-9/quarantine/release",
                     headers=_as(api, Role.ENGINEER)).status_code == 409
     assert api.get("/api/v1/quarantines", headers=_as(api, Role.VIEWER)).json()["quarantined"] == []
+
+
+def test_yolo_import_through_the_cli_lands_as_validated_samples_with_rejects_kept(api, tmp_path, monkeypatch):
+    import httpx
+    import yaml
+    from typer.testing import CliRunner
+
+    from training.cli import data_app
+
+    root = tmp_path / "roboflow"
+    (root / "train" / "images").mkdir(parents=True)
+    (root / "train" / "labels").mkdir(parents=True)
+    (root / "data.yaml").write_text(yaml.safe_dump({"train": "../train/images", "names": ["c", "a"]}))
+    for i in range(4):
+        cv2.imwrite(str(root / "train" / "images" / f"f{i}.jpg"), render_frame("base", seed=4, index=i, imgsz=64)[0])
+        (root / "train" / "labels" / f"f{i}.txt").write_text("0 0.5 0.5 0.2 0.2\n1 0.2 0.2 0.1 0.1\n")
+    (root / "train" / "labels" / "f3.txt").write_text("0 0.95 0.5 0.3 0.2\n")  # box outside the image
+    engineer = api.tokens[Role.ENGINEER]
+
+    def client(**kwargs):
+        api.headers["Authorization"] = kwargs["headers"]["Authorization"]
+        return api
+
+    monkeypatch.setattr(httpx, "Client", client)
+    result = CliRunner().invoke(data_app, ["import", str(root), "--source", "roboflow-line3", "--token", engineer,
+                                           "--batch", "3"])
+    assert result.exit_code == 0, result.output
+    assert "imported: 1 rejected, 3 validated" in result.output
+    with api.ctx.sessions() as session:
+        rows = session.query(Sample).filter_by(device_id="import:roboflow-line3").all()
+        assert len(rows) == 4 and {r.reason for r in rows} == {"import"}
+        ok = [r for r in rows if r.status == "validated"]
+        assert ok[0].labels[0]["cls"] == 2 and ok[0].labels[1]["cls"] == 0  # "c" -> 2, "a" -> 0
+        (bad,) = [r for r in rows if r.status == "rejected"]
+        assert "outside the image" in bad.reject_reason
+        assert {e.actor for e in session.query(AuditEntry).filter_by(action="data.import")} == {"engineer-user"}
+    again = CliRunner().invoke(data_app, ["import", str(root), "--source", "roboflow-line3", "--token", engineer])
+    assert "imported: 4 duplicate" in again.output
+    operator = CliRunner().invoke(data_app, ["import", str(root), "--source", "x", "--token",
+                                             api.tokens[Role.OPERATOR]])
+    assert operator.exit_code == 1 and "403" in operator.output
