@@ -268,6 +268,7 @@ class KubernetesJobExecutor:
         return ""
 
     def _fetch_outputs(self, prefix: str, work_dir: Path, state: _RunState) -> dict:
+        """Download what the pod uploaded and point the result's pod paths at the local copies."""
         out_prefix = prefix + "out/"
         try:
             result = json.loads(self._store.get_bytes(out_prefix + "result.json", max_bytes=RESULT_MAX_BYTES))
@@ -277,15 +278,22 @@ class KubernetesJobExecutor:
                             f"({streamed}): the job runner must upload its outputs to the spec's outputs_uri"
                             ) from None
         out_dir = work_dir / "out"
-        for key in ("best_pt", "onnx"):
+        local: dict[str, str] = {}
+        for info in self._store.list(out_prefix):
+            member = info.key[len(out_prefix):]
+            pod_path = f"{manifests.OUT_DIR}/{member}"
             try:
-                member = staging.output_member(str(result[key]), manifests.OUT_DIR)
-            except (KeyError, staging.StagingError) as exc:
-                raise JobFailed(f"the training pod's result has no usable {key!r}: {exc}") from None
-            local = out_dir / member
-            local.parent.mkdir(parents=True, exist_ok=True)
-            self._store.download_file(out_prefix + member, local)
-            result[key] = str(local)
+                staging.output_member(pod_path, manifests.OUT_DIR)  # refuses keys that climb out
+            except staging.StagingError as exc:
+                raise JobFailed(f"the training pod uploaded an unexpected object: {exc}") from None
+            target = out_dir / member
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._store.download_file(info.key, target)
+            local[pod_path] = str(target)
+        for key in ("best_pt", "onnx"):  # what the runner bundles and registers
+            if str(result.get(key)) not in local:
+                raise JobFailed(f"the training pod's {key} ({result.get(key)!r}) was not uploaded to {out_prefix}")
+        result = _localize(result, local)
         (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
         return result
 
@@ -323,6 +331,17 @@ class _RunState:
 
     def tail(self) -> str:
         return "\n".join(self._tail)[-_LOG_TAIL:]
+
+
+def _localize(value, local: dict[str, str]):
+    """``value`` with every pod output path (e.g. engine files) replaced by its downloaded copy."""
+    if isinstance(value, str):
+        return local.get(value, value)
+    if isinstance(value, dict):
+        return {k: _localize(v, local) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_localize(v, local) for v in value]
+    return value
 
 
 def _job_outcome(job) -> tuple[bool, str] | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -50,6 +51,7 @@ class InputsPlan:
 
     files: dict[str, Path] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
     _members_by_source: dict[Path, str] = field(default_factory=dict)
     _roots: dict[Path, str] = field(default_factory=dict)
 
@@ -127,7 +129,8 @@ def _split_images(entry: str, base: Path, where: str) -> list[Path]:
 
 
 def _stage_data_yaml(plan: InputsPlan, data_yaml: Path, name: str, inputs_dir: str) -> str:
-    """Stage a dataset; returns the pod path of its rewritten ``data.yaml``."""
+    """Stage a dataset; returns the pod path of its rewritten ``data.yaml``. ``name`` may be any
+    text (evaluation sets are named e.g. ``device:cam-01``): its folder gets a safe name."""
     data_yaml = Path(data_yaml)
     try:
         data = yaml.safe_load(data_yaml.read_text())
@@ -139,7 +142,9 @@ def _stage_data_yaml(plan: InputsPlan, data_yaml: Path, name: str, inputs_dir: s
         # Ultralytics resolves a relative `path` against its own datasets folder: refuse the guess.
         raise StagingError(f"dataset {name!r}: {data_yaml} has a relative `path` ({data['path']!r})")
     base = Path(str(data["path"])) if data.get("path") else data_yaml.parent.resolve()
-    member_dir = f"sets/{name}"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "set"
+    member_dir = f"sets/{len(plan.datasets):02d}-{slug}"
+    plan.datasets.append(name)
     staged = {k: v for k, v in data.items() if k not in {"path", "download", *SPLITS}}
     staged["path"] = f"{inputs_dir}/{member_dir}"
     for split in SPLITS:
@@ -165,8 +170,6 @@ def plan_inputs(spec: dict, *, inputs_dir: str, out_dir: str, config_dir: str) -
     pod_spec["data_yaml"] = _stage_data_yaml(plan, Path(spec["data_yaml"]), "train", inputs_dir)
     eval_sets = {}
     for name, path in spec.get("eval_sets", {}).items():
-        if not name.replace("_", "").replace("-", "").isalnum() or name == "train":
-            raise StagingError(f"evaluation set name {name!r} must be alphanumeric (and not 'train')")
         eval_sets[name] = _stage_data_yaml(plan, Path(path), name, inputs_dir)
     pod_spec["eval_sets"] = eval_sets
     pod_spec["out_dir"] = out_dir

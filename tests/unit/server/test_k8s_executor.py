@@ -232,7 +232,7 @@ class FakeCluster:
 
     def __init__(self, store: FakeStore, *, log_lines: list[str], outcome: str = "succeeded",
                  pending_polls: int | None = 1, waiting: str | None = None, unschedulable: bool = False,
-                 log_breaks: int = 0, silent: bool = False, upload: bool = True,
+                 log_breaks: int = 0, silent: bool = False, upload: bool | str = True,
                  terminated_reason: str = "Completed", exit_code: int = 0, create_error: ApiException | None = None,
                  flaky_reads: int = 0):
         self.store = store
@@ -352,13 +352,17 @@ class FakeCluster:
         if self.upload and self.outcome == "succeeded":
             out = spec["outputs_uri"].removeprefix("s3://edgeloop/")
             self.store.objects[out + "train/weights/best.pt"] = b"best weights"
-            self.store.objects[out + "model.onnx"] = b"onnx bytes"
+            if self.upload != "no-onnx":
+                self.store.objects[out + "model.onnx"] = b"onnx bytes"
+            self.store.objects[out + "engines/sm89-trt10.engine"] = b"engine bytes"
             self.store.objects[out + "result.json"] = json.dumps(RESULT).encode()
 
 
 RESULT = {"best_pt": "/job/out/train/weights/best.pt", "onnx": "/job/out/model.onnx",
           "metrics": {"candidate": {"golden": {"map50": 0.8}}, "production": {"golden": {"map50": 0.7}}},
-          "stages": {"train": 12.0}, "hyperparameters": {"epochs": 2}, "environment": {"torch": "2.14.1"}}
+          "stages": {"train": 12.0}, "hyperparameters": {"epochs": 2}, "environment": {"torch": "2.14.1"},
+          "engines": [{"target": "sm89-trt10", "status": "built", "path": "/job/out/engines/sm89-trt10.engine"},
+                      {"target": "sm72-trt8", "status": "skipped", "path": None}]}
 TRAINING_EVENTS = [
     {"event": "stage", "stage": "train", "status": "started"},
     {"event": "epoch", "epoch": 1, "epochs": 2, "losses": {"box": 1.5, "cls": 2.0}, "seconds": 30.0},
@@ -432,6 +436,9 @@ def test_run_creates_the_job_streams_progress_fetches_outputs_and_tears_down(tmp
     assert Path(result["onnx"]).read_bytes() == b"onnx bytes"
     assert Path(result["best_pt"]).is_relative_to(work)
     assert result["metrics"] == RESULT["metrics"] and result["stages"] == {"train": 12.0}
+    # Any other output the result names (engines) is fetched and re-pointed as well.
+    assert Path(result["engines"][0]["path"]).read_bytes() == b"engine bytes"
+    assert result["engines"][1] == {"target": "sm72-trt8", "status": "skipped", "path": None}
     assert "Ultralytics 8.4" in (work / "job.log").read_text()
     assert not (work / "inputs.tar").exists()
     assert_torn_down(cluster, store)
@@ -552,5 +559,14 @@ def test_an_api_server_that_stays_down_fails_the_run_and_still_tears_down(tmp_pa
     cluster = FakeCluster(store, log_lines=lines(*TRAINING_EVENTS), flaky_reads=100)
     executor, work, _ = make(tmp_path, cluster, store)
     with pytest.raises(ApiException):
+        executor.run(spec, work, lambda e: None)
+    assert_torn_down(cluster, store)
+
+
+def test_a_result_naming_an_output_that_was_not_uploaded_is_a_failure(tmp_path, spec):
+    store = FakeStore()
+    cluster = FakeCluster(store, log_lines=lines(*TRAINING_EVENTS), upload="no-onnx")
+    executor, work, _ = make(tmp_path, cluster, store)
+    with pytest.raises(JobFailed, match="onnx .*was not uploaded"):
         executor.run(spec, work, lambda e: None)
     assert_torn_down(cluster, store)

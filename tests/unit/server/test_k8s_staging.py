@@ -55,7 +55,7 @@ def runner_spec(tmp_path: Path) -> dict:
     weights.write_bytes(b"weights")
     return {"base_weights": str(weights), "production_weights": str(weights), "data_yaml": str(data_yaml),
             "out_dir": str(work / "out"), "imgsz": 160, "finetune": {"epochs": 2},
-            "eval_sets": {"golden": str(golden_yaml), "new_data": str(new_yaml)},
+            "eval_sets": {"golden": str(golden_yaml), "new_data": str(new_yaml), "device:cam/01": str(new_yaml)},
             "config_dir": str(tmp_path / "ultralytics")}
 
 
@@ -74,7 +74,10 @@ def test_staged_spec_points_only_into_the_pod_folders(runner_spec, tmp_path):
     assert pod_spec["out_dir"] == OUT and pod_spec["config_dir"] == CFG and pod_spec["inputs_dir"] == IN
     for key in ("base_weights", "production_weights", "data_yaml"):
         assert pod_spec[key].startswith(IN + "/")
-    assert set(pod_spec["eval_sets"]) == {"golden", "new_data"}
+    assert set(pod_spec["eval_sets"]) == {"golden", "new_data", "device:cam/01"}
+    # Any evaluation-set name is fine: its folder gets a safe, unique name.
+    assert pod_spec["eval_sets"]["device:cam/01"].startswith(f"{IN}/sets/03-device-cam-01/")
+    assert len(set(pod_spec["eval_sets"].values()) | {pod_spec["data_yaml"]}) == 4
     assert pod_spec["finetune"] == {"epochs": 2} and pod_spec["imgsz"] == 160  # the rest is untouched
     # The same weights file, reached twice, is staged once.
     assert pod_spec["base_weights"] == pod_spec["production_weights"]
@@ -89,7 +92,8 @@ def test_archive_holds_every_image_with_its_label_at_the_staged_paths(runner_spe
     _extract(archive, pod)
 
     assert _local(pod_spec["base_weights"], pod).read_bytes() == b"weights"
-    expected_counts = {"data_yaml": (5, 2), "golden": (1, 1), "new_data": (2, 2)}  # (train, val) images
+    expected_counts = {"data_yaml": (5, 2), "golden": (1, 1), "new_data": (2, 2),  # (train, val) images
+                       "device:cam/01": (2, 2)}
     yamls = {"data_yaml": pod_spec["data_yaml"], **pod_spec["eval_sets"]}
     for name, pod_yaml in yamls.items():
         data = yaml.safe_load(_local(pod_yaml, pod).read_text())
