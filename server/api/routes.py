@@ -17,9 +17,10 @@ from server.api.deps import client_address, get_context, get_principal, require
 from server.api.schemas import DeployRequest, DeviceCreate, DeviceCredentials, RetrainRequest
 from server.auth import Principal, Role, issue_token, revoke_tokens
 from server.context import ServerContext
-from server.db.models import Deployment, Device, ModelVersion, Sample, TrainingJob
+from server.db.models import AlertRecord, Deployment, Device, ModelVersion, Sample, TrainingJob
 from server.deploy import DeployError, deploy_version
 from server.ingest import pending_labeled_samples
+from server.pipeline.data_gate import quarantined_devices
 
 router = APIRouter(prefix=API_PREFIX)
 
@@ -293,6 +294,10 @@ def overview(ctx: ServerContext) -> dict:
             "production_version": prod.version if prod else None,
             "models": [_model_dict(m, aliases) for m in models],
             "jobs": [_job_dict(j) for j in jobs],
+            "alerts": [{"id": a.id, "at": a.at, "kind": a.kind, "severity": a.severity, "subject": a.subject,
+                        "message": a.message} for a in session.scalars(
+                            select(AlertRecord).order_by(AlertRecord.id.desc()).limit(10))],
+            "quarantined": sorted(quarantined_devices(session)),
         }
 
 

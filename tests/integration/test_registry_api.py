@@ -199,3 +199,17 @@ def test_yolo_import_through_the_cli_lands_as_validated_samples_with_rejects_kep
     operator = CliRunner().invoke(data_app, ["import", str(root), "--source", "x", "--token",
                                              api.tokens[Role.OPERATOR]])
     assert operator.exit_code == 1 and "403" in operator.output
+
+
+def test_overview_shows_alerts_and_quarantined_devices_for_the_dashboard(api):
+    from protocol.alerts import AlertKind, Severity
+
+    api.ctx.alerts.raise_alert(AlertKind.MODEL_REJECTED, Severity.WARNING, "v3 rejected: golden fell", subject="model 3")
+    with api.ctx.sessions() as session:
+        session.add(Quarantine(device_id="cam-7", status="quarantined"))
+        session.commit()
+    overview = api.get("/api/v1/overview", headers=_as(api, Role.VIEWER)).json()
+    assert overview["alerts"][0]["message"] == "v3 rejected: golden fell"
+    assert overview["quarantined"] == ["cam-7"]
+    page = api.get("/", headers={"Cookie": f"edgeloop_token={api.tokens[Role.VIEWER]}"})
+    assert 'id="alerts"' in page.text
