@@ -22,7 +22,19 @@ class AgentSettings(BaseSettings):
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     mqtt_password: SecretStr = SecretStr("")
+    # TLS: the broker is verified against this CA only (pinned; not the system store).
     mqtt_tls_ca: Path | None = None
+    # Client certificate + key (PEM) for a broker that requires one; both or neither.
+    mqtt_tls_cert: Path | None = None
+    mqtt_tls_key: Path | None = None
+    # Name the broker certificate must carry when it differs from mqtt_host (e.g. an IP).
+    mqtt_tls_server_name: str | None = None
+    # Reconnect backoff: starts at min, doubles per failed attempt, capped at max.
+    mqtt_reconnect_min_s: float = Field(1.0, gt=0)
+    mqtt_reconnect_max_s: float = Field(60.0, gt=0)
+    # QoS 1 events waiting for the broker (data_dir/outbox.db): past either cap the oldest go (counted).
+    mqtt_outbox_max_messages: int = Field(10_000, ge=1)
+    mqtt_outbox_max_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     # Public key file, or a folder of *pub*.pem files, that bundles must be signed by.
     trusted_keys: Path | None = None
 

@@ -1,4 +1,5 @@
-"""A Mosquitto broker with a generated configuration: password file, pattern ACL, one listener.
+"""A Mosquitto broker with a generated configuration: password file, pattern ACL, one plain
+listener and optionally a TLS listener beside it (:class:`BrokerTls`).
 
 Devices authenticate with their device id as user name; the broker forces the user
 name as client id (``use_username_as_clientid``) and the ACL patterns from
@@ -12,6 +13,10 @@ every server process its own user (``add_user(name, password, server=True)``).
 
 Server user names start with ``_``, which :func:`protocol.validate_device_id` never
 accepts, so no device id can ever collide with a server user.
+
+The TLS listener keeps the same password authentication and ``%u`` ACL (the certificate
+identity is not used as user name); with ``require_certificate`` a client must in addition
+present a certificate signed by the listener's CA.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ import fcntl
 import json
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,30 @@ STDERR_NAME = "mosquitto.stderr.log"
 PID_NAME = "mosquitto.pid"
 SERVER_USERS_NAME = "server-users.json"
 DATA_NAME = "data"
+TLS_NAME = "tls"
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener: ``ca_file`` verifies client certificates, ``cert_file``/``key_file`` are
+    the broker's own. ``port=None`` picks a free one. TLS 1.2 is the minimum."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    require_certificate: bool = False
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """A TLS listener as rendered into the config (paths as the broker reads them)."""
+
+    port: int
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    require_certificate: bool = False
 
 
 def server_topic_filter() -> str:
@@ -66,6 +97,7 @@ def render_config(
     log_file: Path,
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
     run_as: str | None = None,
+    tls_listener: TlsListener | None = None,
 ) -> str:
     """The broker configuration (pure: no files touched)."""
     lines = [
@@ -94,6 +126,18 @@ def render_config(
     ]
     if run_as:
         lines.append(f"user {run_as}")
+    if tls_listener is not None:
+        # per_listener_settings false: authentication and ACL above apply here too.
+        lines += [
+            f"listener {int(tls_listener.port)} {host}",
+            "protocol mqtt",
+            f"cafile {tls_listener.ca_file}",
+            f"certfile {tls_listener.cert_file}",
+            f"keyfile {tls_listener.key_file}",
+            "tls_version tlsv1.2",  # Mosquitto 2: the minimum version
+            f"require_certificate {'true' if tls_listener.require_certificate else 'false'}",
+            "use_identity_as_username false",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -349,11 +393,14 @@ class MosquittoBroker:
         server_username: str = SERVER_USERNAME,
         server_password: str | None = None,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        tls: BrokerTls | None = None,
     ):
         self.workdir = Path(workdir).absolute()
         self.host = host
         self._port = port
         self._port_fixed = port is not None
+        self.tls = tls
+        self._tls_port = tls.port if tls else None
         self.server_username = check_server_username(server_username)
         self.server_password = _check_password(server_password) if server_password else _proc.random_secret()
         self.max_packet_size = int(max_packet_size)
@@ -411,6 +458,22 @@ class MosquittoBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
+    @property
+    def tls_dir(self) -> Path:
+        return self.workdir / TLS_NAME
+
+    @property
+    def tls_port(self) -> int:
+        if self.tls is None:
+            raise ServiceError("this broker has no TLS listener")
+        if self._tls_port is None:
+            raise ServiceError("the broker has no TLS port yet: start() it first")
+        return self._tls_port
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://{self.host}:{self.tls_port}"
+
     # -- configuration ---------------------------------------------------------------
 
     def config_text(self) -> str:
@@ -424,7 +487,16 @@ class MosquittoBroker:
             log_file=self.log_file,
             max_packet_size=self.max_packet_size,
             run_as=account[0] if account else None,
+            tls_listener=self._tls_listener(),
         )
+
+    def _tls_listener(self) -> TlsListener | None:
+        if self.tls is None:
+            return None
+        # The broker reads copies inside its own folder: after dropping root it may not
+        # reach the originals.
+        return TlsListener(self.tls_port, self.tls_dir / "ca.crt", self.tls_dir / "server.crt",
+                           self.tls_dir / "server.key", self.tls.require_certificate)
 
     def write_config(self) -> None:
         """Write config, ACL and the server user (no process is started)."""
@@ -440,6 +512,12 @@ class MosquittoBroker:
                     "outside it (e.g. under /tmp or /var/lib) or run as a non-root user"
                 )
         self.data_dir.mkdir(exist_ok=True)
+        if self.tls is not None:
+            self.tls_dir.mkdir(exist_ok=True)
+            for source, name in ((self.tls.ca_file, "ca.crt"), (self.tls.cert_file, "server.crt"),
+                                 (self.tls.key_file, "server.key")):
+                shutil.copyfile(source, self.tls_dir / name)
+                os.chmod(self.tls_dir / name, 0o600)
         _proc.write_private(self.config_file, self.config_text())
         server_users = set(self.users_admin.server_users()) | {self.server_username}
         _proc.write_private(self.users_admin.server_users_file, json.dumps(sorted(server_users)) + "\n")
@@ -464,10 +542,16 @@ class MosquittoBroker:
             raise ServiceError(f"`mosquitto` not found: {INSTALL_HINT}")
         if _proc.find_binary("mosquitto_passwd") is None:
             raise ServiceError(f"`mosquitto_passwd` not found: {INSTALL_HINT}")
-        attempts = 1 if self._port_fixed else 3
+        tls_port_fixed = self.tls is not None and self.tls.port is not None
+        attempts = 1 if self._port_fixed and (self.tls is None or tls_port_fixed) else 3
         for attempt in range(attempts):
             if self._port is None or (not self._port_fixed and not port_is_free(self._port, self.host)):
                 self._port = find_free_port(self.host)
+            if self.tls is not None and (self._tls_port is None or (
+                    not tls_port_fixed and not port_is_free(self._tls_port, self.host))):
+                self._tls_port = find_free_port(self.host)
+                while self._tls_port == self._port:
+                    self._tls_port = find_free_port(self.host)
             try:
                 self._start_once(binary, detach=detach, timeout=timeout)
                 return
@@ -475,7 +559,11 @@ class MosquittoBroker:
                 output = _proc.tail(self.log_file, 50) + _proc.tail(self.stderr_file, 50)
                 if attempt + 1 >= attempts or "Address already in use" not in output:
                     raise
-                self._port = None  # lost a race for the port: pick another
+                # Lost a race for a port: pick others (only those not fixed by the caller).
+                if not self._port_fixed:
+                    self._port = None
+                if self.tls is not None and not tls_port_fixed:
+                    self._tls_port = None
 
     def _start_once(self, binary: str, *, detach: bool, timeout: float) -> None:
         self.write_config()
@@ -483,12 +571,13 @@ class MosquittoBroker:
                                           cwd=self.workdir, pid_file=self.pid_file, detach=detach)
         self._pid = self._popen.pid
         try:
-            wait_for_port(
-                self.port,
-                self.host,
-                timeout,
-                alive=lambda: self._popen is not None and self._popen.poll() is None,
-            )
+            for port in [self.port] + ([self.tls_port] if self.tls is not None else []):
+                wait_for_port(
+                    port,
+                    self.host,
+                    timeout,
+                    alive=lambda: self._popen is not None and self._popen.poll() is None,
+                )
         except ServiceError as exc:
             self._kill_quietly()
             raise ServiceError(
@@ -540,6 +629,7 @@ class MosquittoBroker:
             "workdir": str(self.workdir),
             "host": self.host,
             "port": self._port,
+            "tls_port": self._tls_port,
             "pid": self._pid,
             "username": self.server_username,
             "password": self.server_password,
