@@ -14,7 +14,7 @@ from server.api.deps import client_address, get_context, require
 from server.api.schemas import RegistryActionRequest
 from server.auth import Principal, Role
 from server.context import ServerContext
-from server.db.models import AlertRecord, ModelVersion, Quarantine, Sample, Snapshot
+from server.db.models import AlertRecord, AuditEntry, ModelVersion, Quarantine, Sample, Snapshot
 from server.importer import import_image, import_source
 from server.pipeline.data_gate import quarantined_devices, release_quarantine
 from server.pipeline.snapshot import SnapshotError, load_snapshot_manifest
@@ -176,3 +176,20 @@ async def import_labeled_images(
         audit.record(session, who.subject, "data.import", source_id, client_address(request), **counts)
         session.commit()
     return {"source": source_id, "counts": dict(counts), "items": results}
+
+
+@router.get("/audit")
+def list_audit(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.OPERATOR)),
+               action: str | None = None, actor: str | None = None,
+               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+    """The append-only audit log, newest first: who did what, to what, from where."""
+    with ctx.sessions() as session:
+        query, count = select(AuditEntry), select(func.count()).select_from(AuditEntry)
+        if action:
+            query, count = query.where(AuditEntry.action == action), count.where(AuditEntry.action == action)
+        if actor:
+            query, count = query.where(AuditEntry.actor == actor), count.where(AuditEntry.actor == actor)
+        rows = session.scalars(query.order_by(AuditEntry.id.desc()).limit(limit).offset(offset)).all()
+        return {"total": session.scalar(count), "items": [
+            {"id": e.id, "at": e.at, "actor": e.actor, "action": e.action, "target": e.target,
+             "source": e.source, "detail": e.detail} for e in rows]}

@@ -63,6 +63,11 @@ def test_rollback_is_one_operator_call_audited_and_refused_for_viewers(api):
     with api.ctx.sessions() as session:
         entry = session.query(AuditEntry).filter_by(action="model.rollback").one()
         assert entry.actor == "operator-user" and entry.detail == {"to_version": 1, "reason": "line 3 regressions"}
+    assert api.get("/api/v1/audit", headers=_as(api, Role.VIEWER)).status_code == 403
+    log = api.get("/api/v1/audit", params={"action": "model.rollback"}, headers=_as(api, Role.OPERATOR)).json()
+    assert log["total"] == 1 and log["items"][0]["target"] == "version:2"
+    actions = [e["action"] for e in api.get("/api/v1/audit", headers=_as(api, Role.OPERATOR)).json()["items"]]
+    assert actions == ["model.rollback", "model.register", "model.register"]
 
 
 def test_approval_of_a_candidate_by_an_operator(api):
