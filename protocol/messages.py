@@ -11,7 +11,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from protocol.topics import Channel, TopicError, parse_device_topic, validate_device_id
 
@@ -92,6 +101,10 @@ class StatusMessage(_Message):
     hardware: Hardware | None = None
 
 
+_Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+_ReasonCounts = Annotated[dict[_Name, NonNegativeInt], Field(max_length=32)]
+
+
 class Heartbeat(_Message):
     type: Literal["heartbeat"] = "heartbeat"
     fps: float = Field(ge=0)
@@ -103,6 +116,12 @@ class Heartbeat(_Message):
     disk_free_bytes: int = Field(ge=0)
     active_version: int | None = None
     candidate_version: int | None = None
+    # Spool totals since the device's spool was created; the defaults keep older agents' heartbeats valid.
+    spool_bytes: int = Field(default=0, ge=0)
+    spool_evicted: int = Field(default=0, ge=0)
+    spool_dropped: int = Field(default=0, ge=0)
+    # Per sample reason, e.g. {"collected": {"correction": 12}, "sent": {...}, "evicted": {"random": 3}}.
+    samples: dict[_Name, _ReasonCounts] = Field(default_factory=dict, max_length=16)
 
 
 class SampleReason(StrEnum):
@@ -149,6 +168,29 @@ class ShadowReport(_Message):
     candidate_latency_ms_p50: float | None = None
     candidate_latency_ms_p99: float | None = None
     errors: int = Field(default=0, ge=0)
+    # Frames the shadow budget (max share of device time) kept from the candidate; 0 from older agents.
+    frames_skipped_budget: int = Field(default=0, ge=0)
+
+
+class EngineBuildEvent(_Message):
+    """A TensorRT engine the device builds from a bundle's ONNX because no engine in the bundle
+    matched its GPU and TensorRT version. One build (one ``build_id``) reports ``started``, then
+    throttled ``progress``, then ``succeeded`` or ``failed``; ``cached`` says an engine built
+    earlier for the same ONNX, GPU, TensorRT version and precision was reused."""
+
+    type: Literal["engine_build"] = "engine_build"
+    build_id: str = Field(min_length=8, max_length=64)
+    model_version: int | None = Field(default=None, ge=1)
+    onnx_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    gpu_compute_capability: str = Field(pattern=r"^\d+\.\d+$")
+    tensorrt_version: str = Field(min_length=1, max_length=32)
+    precision: Literal["fp32", "fp16"]
+    outcome: Literal["started", "progress", "succeeded", "failed", "cached"]
+    phase: str = Field(default="", max_length=200)
+    percent: float = Field(default=0.0, ge=0, le=100)
+    duration_s: float = Field(default=0.0, ge=0)
+    engine_bytes: int | None = Field(default=None, ge=0)
+    reason: str = Field(default="", max_length=2000)
 
 
 class UpdateEvent(_Message):
@@ -250,7 +292,7 @@ class SamplingConfigCommand(_Command):
 
 
 DeviceMessage = Annotated[
-    StatusMessage | Heartbeat | SampleEvent | ShadowReport | UpdateEvent | DriftReport,
+    StatusMessage | Heartbeat | SampleEvent | ShadowReport | UpdateEvent | EngineBuildEvent | DriftReport,
     Field(discriminator="type"),
 ]
 Command = Annotated[
@@ -267,7 +309,7 @@ _CHANNEL_TYPES: dict[Channel, tuple[type[BaseModel], ...]] = {
     Channel.HEARTBEAT: (Heartbeat,),
     Channel.SAMPLES: (SampleEvent,),
     Channel.SHADOW: (ShadowReport,),
-    Channel.UPDATE: (UpdateEvent,),
+    Channel.UPDATE: (UpdateEvent, EngineBuildEvent),
     Channel.DRIFT: (DriftReport,),
     Channel.COMMANDS: (DeployCommand, PromoteCommand, RollbackCommand, AbortCommand, SamplingConfigCommand),
 }

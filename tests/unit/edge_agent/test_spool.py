@@ -138,7 +138,7 @@ def test_drop_removes_and_counts(spool: Spool) -> None:
     spool.drop(_sid(1), "413")
     assert not path.exists()
     assert spool.depth() == 0
-    assert spool.counters() == {"dropped": 1}
+    assert spool.counters() == {"collected": 1, "collected.unknown": 1, "dropped": 1, "dropped.unknown": 1}
     assert not spool.put(_sid(1), b"a", "image/jpeg", {})
 
 
@@ -206,9 +206,231 @@ def test_state_persists_across_reopen(tmp_path: Path) -> None:
     assert not s.put(_sid(2), b"again", "image/jpeg", {})
     first = s.next_due()
     assert (first.sample_id, first.state, first.object_key, first.meta) == (_sid(1), "uploaded", "images/d/1.jpg", {"n": 1})
-    assert s.counters() == {"sent": 1}
+    assert s.counters() == {"collected": 3, "collected.unknown": 3, "sent": 1, "sent.unknown": 1}
     assert _drain_order(s) == [_sid(1), _sid(3)]
     s.close()
     # the index is a plain SQLite file other tools can inspect
     with sqlite3.connect(root / "spool.db") as db:
         assert db.execute("SELECT COUNT(*) FROM seen").fetchone()[0] == 3
+
+
+# ---------------------------------------------------------------- eviction policy and counters
+
+
+def _put(s: Spool, n: int, reason: str, size: int = 100) -> None:
+    assert s.put(_sid(n), b"x" * size, "image/jpeg", {"reason": reason})
+
+
+def test_eviction_gives_up_random_before_low_confidence_before_corrections(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s", max_bytes=400)
+    _put(s, 1, "correction")        # oldest, but the most valuable
+    _put(s, 2, "low_confidence")
+    _put(s, 3, "random")
+    _put(s, 4, "shadow_disagreement")
+    _put(s, 5, "correction")        # 500 bytes: one must go -> the random one
+    assert s.counters()["evicted.random"] == 1
+    _put(s, 6, "correction")        # next: low_confidence, although correction 1 is older
+    assert s.counters()["evicted.low_confidence"] == 1
+    _put(s, 7, "correction")
+    assert s.counters()["evicted.shadow_disagreement"] == 1
+    _put(s, 8, "correction")        # only corrections left: the oldest goes
+    assert s.counters()["evicted.correction"] == 1
+    assert s.counters()["evicted"] == 4
+    assert _drain_order(s) == [_sid(5), _sid(6), _sid(7), _sid(8)]
+    s.close()
+
+
+def test_a_new_low_value_sample_is_evicted_itself_when_the_spool_holds_only_corrections(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s", max_bytes=300)
+    for n in (1, 2, 3):
+        _put(s, n, "correction")
+    _put(s, 4, "random")
+    assert s.counters()["evicted.random"] == 1
+    assert not (tmp_path / "s" / "files" / f"{_sid(4)}.jpg").exists()
+    assert _drain_order(s) == [_sid(1), _sid(2), _sid(3)]
+    s.close()
+
+
+def test_the_item_the_uploader_claimed_is_never_evicted_under_it(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s", max_bytes=250)
+    _put(s, 1, "random")
+    _put(s, 2, "random")
+    claimed = s.next_due(claim=True)
+    assert claimed.sample_id == _sid(1)
+    _put(s, 3, "random")            # over the cap: 2 goes, not the claimed 1
+    assert claimed.path.exists()
+    assert s.mark_sent(_sid(1))
+    assert s.counters()["evicted"] == 1 and s.counters()["sent"] == 1
+    # once released, the oldest is fair game again
+    _put(s, 4, "random")
+    _put(s, 5, "random")
+    assert _drain_order(s) == [_sid(4), _sid(5)]
+    s.close()
+
+
+def test_a_failed_attempt_releases_the_claim(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s", max_bytes=250)
+    _put(s, 1, "random")
+    _put(s, 2, "random")
+    s.mark_failed(s.next_due(claim=True).sample_id, "store down", backoff_seconds=0)
+    _put(s, 3, "random")
+    assert s.counters()["evicted"] == 1
+    assert _drain_order_at(s, time.time() + 1) == [_sid(2), _sid(3)]
+    s.close()
+
+
+def _drain_order_at(spool: Spool, now: float) -> list[str]:
+    order = []
+    while (item := spool.next_due(now=now)) is not None:
+        order.append(item.sample_id)
+        spool.mark_sent(item.sample_id)
+    return order
+
+
+def test_counters_add_up_per_reason(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s", max_bytes=300)
+    for n, reason in enumerate(["correction", "random", "random", "correction", "low_confidence"], 1):
+        _put(s, n, reason)
+    s.mark_sent(s.next_due().sample_id)
+    s.drop(s.next_due().sample_id, "413")
+    stats = s.stats()
+    c = stats.counters
+    assert c["collected"] == 5
+    assert c["collected"] == c["sent"] + c["evicted"] + c["dropped"] + stats.depth
+    by_reason = stats.by_reason()
+    assert by_reason["collected"] == {"correction": 2, "random": 2, "low_confidence": 1}
+    assert sum(by_reason["evicted"].values()) == c["evicted"] == 2
+    assert stats.bytes == s.bytes() == 100 * stats.depth
+    fields = stats.heartbeat_fields()
+    assert fields["spool_evicted"] == 2 and fields["spool_dropped"] == 1 and fields["spool_depth"] == stats.depth
+    assert fields["samples"] == by_reason
+
+
+def test_heartbeat_fields_fit_the_protocol(tmp_path: Path) -> None:
+    from protocol.messages import Heartbeat
+
+    s = Spool(tmp_path / "s", max_bytes=150)
+    _put(s, 1, "random")
+    _put(s, 2, "correction")
+    beat = Heartbeat(device_id="cam-1", fps=1, latency_ms_p50=1, latency_ms_p99=1, frames_total=2, samples_sent=0,
+                     disk_free_bytes=1, **s.stats().heartbeat_fields())
+    assert beat.spool_evicted == 1 and beat.samples["evicted"] == {"random": 1} and beat.spool_bytes == 100
+    s.close()
+
+
+def test_mark_sent_of_an_item_no_longer_here_counts_nothing(spool: Spool) -> None:
+    assert not spool.mark_sent(_sid(42))
+    assert not spool.drop(_sid(42), "x")
+    assert spool.counters() == {}
+
+
+def test_a_disk_that_refuses_the_write_is_counted_not_raised(spool: Spool, monkeypatch) -> None:
+    import edge_agent.spool as spool_mod
+
+    def full(path, data, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_mod, "atomic_write_bytes", full)
+    assert not spool.put(_sid(1), b"a", "image/jpeg", {"reason": "correction"})
+    assert spool.counters() == {"write_failed": 1}
+    assert spool.depth() == 0 and not spool.seen(_sid(1))  # may be collected again once there is room
+
+
+def test_a_spool_written_before_reasons_were_indexed_is_upgraded(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    (root / "files").mkdir(parents=True)
+    db = sqlite3.connect(root / "spool.db")
+    db.executescript("""
+        CREATE TABLE items (sample_id TEXT PRIMARY KEY, created REAL, state TEXT, file TEXT, size INTEGER,
+            content_type TEXT, meta TEXT, object_key TEXT, attempts INTEGER DEFAULT 0,
+            next_try REAL DEFAULT 0, last_error TEXT DEFAULT '');
+        CREATE TABLE seen (sample_id TEXT PRIMARY KEY, at REAL);
+        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER);
+    """)
+    db.execute("INSERT INTO items (sample_id, created, state, file, size, content_type, meta) "
+               "VALUES (?, 1.0, 'pending', ?, 1, 'image/jpeg', '{}')", (_sid(1), f"{_sid(1)}.jpg"))
+    db.commit()
+    db.close()
+    (root / "files" / f"{_sid(1)}.jpg").write_bytes(b"a")
+    s = Spool(root, max_bytes=10_000)
+    assert s.next_due().sample_id == _sid(1)
+    assert s.mark_sent(_sid(1))
+    assert s.counters()["sent.unknown"] == 1
+    s.close()
+
+
+def test_seen_ids_are_forgotten_after_their_ttl(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    s = Spool(root, max_bytes=10_000)
+    s.put(_sid(1), b"a", "image/jpeg", {})
+    s.put(_sid(2), b"b", "image/jpeg", {})
+    s.mark_sent(_sid(1))
+    s.close()
+    with sqlite3.connect(root / "spool.db") as db:
+        db.execute("UPDATE seen SET at = at - 1000")
+    s = Spool(root, max_bytes=10_000, seen_ttl_seconds=500)
+    assert not s.seen(_sid(1))     # sent long ago: forgotten
+    assert s.seen(_sid(2))         # still in the spool: kept whatever its age
+    s.close()
+
+
+def test_frame_loop_uploader_and_other_threads_can_share_one_spool(tmp_path: Path) -> None:
+    import threading
+
+    s = Spool(tmp_path / "s", max_bytes=60 * 50)
+    n_per_writer, writers = 60, 3
+    errors: list[BaseException] = []
+    done = threading.Event()
+    sent: list[str] = []
+
+    def writer(w: int) -> None:
+        try:
+            for i in range(n_per_writer):
+                s.put(_sid(w * 1000 + i), b"x" * 50, "image/jpeg",
+                      {"reason": ("random", "correction", "low_confidence")[w]})
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def uploader() -> None:
+        attempts = 0
+        try:
+            while not done.is_set() or s.depth():
+                item = s.next_due(claim=True)
+                if item is None:
+                    time.sleep(0.001)
+                    continue
+                attempts += 1
+                if attempts % 7 == 3:
+                    s.mark_failed(item.sample_id, "flaky", backoff_seconds=0)
+                    continue
+                s.mark_uploaded(item.sample_id, "k")
+                if s.mark_sent(item.sample_id):
+                    sent.append(item.sample_id)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            while not done.is_set():
+                stats = s.stats()
+                assert stats.bytes <= 60 * 50 + 50
+                time.sleep(0.001)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    others = [threading.Thread(target=uploader), threading.Thread(target=reader)]
+    for t in threads + others:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    for t in others:
+        t.join(30)
+    assert not errors, errors
+    c = s.counters()
+    assert c["collected"] == n_per_writer * writers
+    assert c["collected"] == c["sent"] + c.get("evicted", 0) + c.get("dropped", 0) + s.depth()
+    assert len(sent) == len(set(sent)) == c["sent"]
+    assert s.depth() == 0 and not list((tmp_path / "s" / "files").iterdir())
+    s.close()
