@@ -17,9 +17,11 @@ from edge_agent import AGENT_VERSION
 from edge_agent.collector import SampleCollector, truths_of
 from edge_agent.inference import create_detector
 from edge_agent.mqtt_client import AgentMqtt
+from edge_agent.ota import crashpoint
+from edge_agent.ota.health import BaselineWindow, FrameOutcome, HealthMonitor, Verdict
 from edge_agent.ota.slots import ModelSlots
-from edge_agent.ota.states import Event, State
-from edge_agent.ota.updater import Updater
+from edge_agent.ota.states import ABORTABLE, GIVE_UP, Event, State
+from edge_agent.ota.updater import RollbackRefused, Updater
 from edge_agent.settings import AgentSettings
 from edge_agent.shadow import ShadowItem, ShadowRunner
 from edge_agent.sources import open_source
@@ -41,14 +43,8 @@ from protocol.messages import (
 
 log = structlog.get_logger(__name__)
 
-# The exit each in-flight state takes when an update keeps being interrupted there.
-_GIVE_UP = {
-    State.DOWNLOADING: Event.DOWNLOAD_FAILED,
-    State.VERIFYING: Event.VERIFY_FAILED,
-    State.STAGED: Event.ABORT,
-    State.SHADOWING: Event.SHADOW_FAILED,
-    State.PROMOTING: Event.SWITCH_FAILED,
-}
+# While a switch is under way a rollback command waits for it to finish.
+_SWITCHING = frozenset({State.PROMOTING, State.ROLLING_BACK})
 
 
 def detect_hardware() -> Hardware:
@@ -86,7 +82,16 @@ class Agent:
         self.slots = ModelSlots(data / "models")
         self.updater = Updater(self.device_id, data, self.slots, TrustStore.from_path(settings.trusted_keys),
                                httpx.Client(timeout=60), self.mqtt.publish, settings.max_bundle_bytes,
-                               settings.keep_versions)
+                               settings.keep_versions, hardware=self.hardware, agent_version=AGENT_VERSION,
+                               crash=crashpoint.from_environ())
+        # The live model's recent frames (the baseline a new model is judged against) and, after a
+        # switch, the new model's health window.
+        self.baseline = BaselineWindow()
+        self.health: HealthMonitor | None = None
+        self.inference_errors = 0
+        self._load_error = ""
+        # Rollback commands waiting for a switch to finish, and the state they were deferred in.
+        self._deferred: list[tuple[RollbackCommand, State]] = []
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ota")
         self._bg_future: Future | None = None
         self.detector = None
@@ -101,24 +106,54 @@ class Agent:
     # ------------------------------------------------------------------ models
 
     def _load(self, version: int):
+        """A slot's model, ready to serve: files re-checked against the signed manifest, loaded,
+        one test inference with the expected output shape."""
+        self.slots.verify(version, self.updater.trust)
         detector = create_detector(self.slots.model_path(version), self.settings.detector)
-        detector.load()
-        detector.health_check()
+        try:
+            detector.load()
+            detector.health_check()
+        except Exception:
+            detector.close()
+            raise
         return detector
 
     def _load_active(self) -> None:
+        """Serve the active slot; if it is damaged or broken, the newest other slot that loads."""
         version = self.slots.active()
         if version is None:
             return
         try:
-            self.detector = self._load(version)
-            self.active_version = version
+            self.detector, self.active_version = self._load(version), version
+            return
         except Exception as exc:
+            self._load_error = f"version {version} failed to load: {exc}"
             log.error("agent.active_model_broken", version=version, error=str(exc))
-            previous = self.slots.previous()
-            if previous is not None and previous != version:
-                self.slots.set_active(previous)
-                self.detector, self.active_version = self._load(previous), previous
+        for fallback in dict.fromkeys([self.slots.previous(), *reversed(self.slots.installed())]):
+            if fallback is None or fallback == version:
+                continue
+            try:
+                self.detector = self._load(fallback)
+            except Exception as exc:
+                log.error("agent.fallback_model_broken", version=fallback, error=str(exc))
+                continue
+            self.slots.set_active(fallback)
+            self.active_version = fallback
+            log.warning("agent.serving_fallback", version=fallback, broken=version)
+            return
+        self.detector, self.active_version = None, None
+        log.error("agent.no_loadable_model", broken=version)
+
+    def _sync_detector(self) -> None:
+        """After the updater moved the active link on its own (giving up a switch), serve what it points to."""
+        if self.slots.active() != self.active_version:
+            old = self.detector
+            self.detector, self.active_version = None, None
+            self._load_active()
+            if old is not None:
+                old.close()
+            self.baseline.clear()
+            self.mqtt.update_status(self.status())
 
     def status(self) -> StatusMessage:
         return StatusMessage(device_id=self.device_id, state="online", agent_version=AGENT_VERSION,
@@ -131,17 +166,53 @@ class Agent:
         if isinstance(command, DeployCommand):
             self.updater.begin(command)
         elif isinstance(command, AbortCommand) and command.version == self.updater.record.version:
-            if self.updater.state in {State.DOWNLOADING, State.VERIFYING, State.STAGED, State.SHADOWING}:
+            if self.updater.state in ABORTABLE:
                 self._end_shadow()
-                self.updater.discard_candidate()
-                self.updater.transition(Event.ABORT, command.reason or "aborted by the server")
+                self.updater.abort(command.reason or "aborted by the server")
         elif isinstance(command, PromoteCommand) and self.updater.state is State.SHADOWING:
             self._end_shadow()
-            self.updater.transition(Event.SHADOW_PASSED, "promoted by the server")
+            self._promote(Event.SHADOW_PASSED, "promoted by the server")
         elif isinstance(command, RollbackCommand):
-            log.warning("agent.rollback_not_supported_yet", command=command.command_id)
+            self._rollback(command)
         elif isinstance(command, SamplingConfigCommand):
             log.info("agent.sampling_config", config=command.model_dump(exclude_none=True))
+
+    def _rollback(self, command: RollbackCommand) -> None:
+        """A signed rollback: verified before anything in flight is touched; waits out a switch."""
+        updater = self.updater
+        if command.command_id == updater.record.update_id:
+            return  # QoS 1 redelivery
+        try:
+            target, instant = updater.check_rollback(command)
+        except RollbackRefused as exc:
+            updater.refuse(command, str(exc))
+            return
+        state = updater.state
+        if state in _SWITCHING or (state is State.CHECKING and not instant):
+            self._deferred.append((command, state))
+            return
+        if state in ABORTABLE:
+            self._end_shadow()
+            updater.abort(f"superseded by signed rollback command {command.command_id}")
+        try:
+            updater.begin_rollback(command, target, instant)
+        except RollbackRefused as exc:
+            updater.refuse(command, str(exc))
+            return
+        self.health = None
+
+    def _retry_deferred(self) -> None:
+        state = self.updater.state
+        waiting, self._deferred = self._deferred, []
+        for command, deferred_in in waiting:
+            if state is deferred_in:
+                self._deferred.append((command, deferred_in))
+            else:
+                self._rollback(command)
+
+    def _promote(self, event: Event, reason: str) -> None:
+        """→ PROMOTING, freezing the live model's recent behaviour for the post-switch health check."""
+        self.updater.transition(event, reason, baseline=self.baseline.snapshot(self.active_version))
 
     def _end_shadow(self) -> None:
         if self.shadow is not None:
@@ -153,20 +224,23 @@ class Agent:
 
     def _step_update(self) -> None:
         state = self.updater.state
-        if state in _GIVE_UP and self.updater.resume_count_exceeded() and not self._busy_in_background():
+        if state in GIVE_UP and self.updater.resume_count_exceeded() and not self._busy_in_background():
             # Re-entered after crash after crash (e.g. a candidate that kills the runtime): stop trying.
             self._end_shadow()
-            if state is not State.DOWNLOADING:
-                self.updater.discard_candidate()
-            self.updater.transition(_GIVE_UP[state], f"gave up after repeated interruptions in {state.value}")
+            self.health = None
+            self.updater.give_up()
+            self._sync_detector()
             return
         if state in {State.DOWNLOADING, State.VERIFYING}:
             if not self._busy_in_background():
                 self._bg_future = self._bg.submit(self.updater.fetch)
         elif state is State.STAGED:
-            if self.updater.record.mode == "direct" or self.detector is None:
-                self.updater.transition(Event.PROMOTE, "direct install" if self.detector is not None
-                                        else "no active model to compare against")
+            rec = self.updater.record
+            if rec.kind == "rollback":
+                self.updater.transition(Event.ROLLBACK, f"switching back to the fetched version {rec.version}")
+            elif rec.mode == "direct" or self.detector is None:
+                self._promote(Event.PROMOTE, "direct install" if self.detector is not None
+                              else "no active model to compare against")
             else:
                 try:
                     self.shadow_detector = self._load(self.updater.record.version)
@@ -191,6 +265,10 @@ class Agent:
                 self._finish_shadow()
         elif state is State.PROMOTING:
             self._switch()
+        elif state is State.CHECKING:
+            self._resume_checking()
+        elif state is State.ROLLING_BACK:
+            self._switch_back()
 
     def _busy_in_background(self) -> bool:
         return self._bg_future is not None and not self._bg_future.done()
@@ -207,22 +285,75 @@ class Agent:
             self.updater.discard_candidate()
             self.updater.transition(Event.SHADOW_FAILED, f"{failure} ({_describe(report)})")
             return
-        self.updater.transition(Event.SHADOW_PASSED, _describe(report))
+        self._promote(Event.SHADOW_PASSED, _describe(report))
 
     def _switch(self) -> None:
-        version = self.updater.record.version
+        """PROMOTING → CHECKING, between two frames, no restart; the health window starts."""
+        rec = self.updater.record
         try:
-            new = self._load(version)
+            new = self._load(rec.version)
         except Exception as exc:
             self.updater.discard_candidate()
             self.updater.transition(Event.SWITCH_FAILED, f"new model failed its health check: {exc}")
+            self._sync_detector()
             return
         old = self.detector
-        self.detector, self.active_version = new, version  # between two frames, no restart
+        self.detector, self.active_version = new, rec.version
         self.updater.switch()
-        if old is not None:
+        if old is not None and old is not new:
             old.close()
+        self.health = HealthMonitor(self.settings.health, rec.baseline, rec.version)
+        self.baseline.clear()
         self.mqtt.update_status(self.status())
+
+    def _resume_checking(self) -> None:
+        """CHECKING after a restart (or with a model that failed to load): restart the window or roll back."""
+        if self.health is not None:
+            return
+        rec = self.updater.record
+        if self.active_version != rec.version:
+            self._verdict(Verdict(False, self._load_error or f"version {rec.version} is not serving"))
+            return
+        self.health = HealthMonitor(self.settings.health, rec.baseline, rec.version)
+
+    def _verdict(self, verdict: Verdict) -> None:
+        self.health = None
+        if verdict.healthy:
+            self.updater.commit(verdict.reason)
+        else:
+            self.updater.unhealthy(verdict.reason)  # the switch back runs on the next step, between frames
+
+    def _switch_back(self) -> None:
+        """ROLLING_BACK → ROLLED_BACK: the older slot serves from the next frame on."""
+        updater = self.updater
+        target = updater.record.rollback_to
+        new = None
+        if not (self.active_version == target and self.detector is not None):
+            try:
+                new = self._load(target)
+            except Exception as exc:
+                if self.active_version is not None:
+                    self.slots.set_active(self.active_version)
+                updater.transition(Event.SWITCH_FAILED, f"rollback target {target} failed its check: {exc}; "
+                                                        f"version {self.active_version} stays active")
+                return
+        old = self.detector
+        if new is not None:
+            self.detector, self.active_version = new, target
+        updater.switch_back()
+        if new is not None and old is not None:
+            old.close()
+        self.baseline.clear()
+        self.mqtt.update_status(self.status())
+
+    def _observe(self, outcome: FrameOutcome) -> None:
+        """Every served frame feeds the health window after a switch, else the live baseline."""
+        if self.health is not None and self.updater.state is State.CHECKING:
+            verdict = self.health.observe(outcome)
+            if verdict is not None:
+                self._verdict(verdict)
+        else:
+            self.baseline.add(outcome)
 
     # ------------------------------------------------------------------ loop
 
@@ -245,6 +376,7 @@ class Agent:
     def run(self) -> None:
         self._load_active()
         self.mqtt.start(self.status())
+        self.updater.report_resume()
         self.uploader.start()
         source = iter(open_source(self.settings.source, loop=self.settings.loop_source))
         min_interval = 1.0 / self.settings.max_fps if self.settings.max_fps else 0.0
@@ -257,6 +389,8 @@ class Agent:
                 t0 = time.monotonic()
                 while not self.mqtt.commands.empty():
                     self._handle_command(self.mqtt.commands.get_nowait())
+                if self._deferred:
+                    self._retry_deferred()
                 self._step_update()
                 self._heartbeat()
                 if self.detector is None:
@@ -266,13 +400,23 @@ class Agent:
                     frame = next(source)
                 except StopIteration:
                     break
-                result = self.detector.infer(frame.image)
                 self.frames += 1
-                self.latency.add(result.latency_ms)
-                detections = list(result.detections)
-                if self.shadow is not None:
-                    self.shadow.offer(ShadowItem(frame.image, detections, result.latency_ms, truths_of(frame)))
-                self.collector.consider(frame, detections, self.active_version)
+                try:
+                    result = self.detector.infer(frame.image)
+                except Exception as exc:  # a broken model must not stop the loop; the health check sees it
+                    self.inference_errors += 1
+                    if self.inference_errors == 1 or self.inference_errors % 100 == 0:
+                        log.error("agent.inference_failed", version=self.active_version, error=str(exc),
+                                  total=self.inference_errors)
+                    result = None
+                    self._observe(FrameOutcome.error())
+                if result is not None:
+                    self.latency.add(result.latency_ms)
+                    detections = list(result.detections)
+                    self._observe(FrameOutcome.of(d.conf for d in detections))
+                    if self.shadow is not None:
+                        self.shadow.offer(ShadowItem(frame.image, detections, result.latency_ms, truths_of(frame)))
+                    self.collector.consider(frame, detections, self.active_version)
                 if self.settings.max_frames and self.frames >= self.settings.max_frames:
                     break
                 spare = min_interval - (time.monotonic() - t0)

@@ -9,6 +9,8 @@ from typing import Any
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edge_agent.ota.health import HealthSettings
+
 
 class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGELOOP_AGENT_", extra="ignore")
@@ -63,6 +65,9 @@ class AgentSettings(BaseSettings):
     shadow_max_errors: int = Field(0, ge=0)
     # On frames with a QA correction the candidate may not be less accurate than this.
     shadow_accuracy_tolerance: float = Field(0.0, ge=0, le=1)
+    # Post-switch health window (errors, confidence collapse) before an update is committed;
+    # env as JSON, e.g. EDGELOOP_AGENT_HEALTH='{"window_frames": 100}'.
+    health: HealthSettings = Field(default_factory=HealthSettings)
 
     heartbeat_seconds: float = Field(5.0, gt=0)
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from edge_agent.ota.health import HealthBaseline
 from edge_agent.ota.states import State
 from firmware_bundles.fsutil import atomic_write_bytes
 
 
 class UpdateRecord(BaseModel):
+    # The deploy or rollback command this update carries out (its command_id).
     update_id: str = ""
+    kind: Literal["deploy", "rollback"] = "deploy"
+    # The version the update installs: a deploy's new version, or a rollback's target.
     version: int = 0
     state: State = State.IDLE
     bundle_url: str = ""
@@ -20,7 +25,14 @@ class UpdateRecord(BaseModel):
     bundle_size: int = 0
     mode: str = "shadow_then_switch"
     shadow_frames: int = 50
+    # Active when the update started: where a failed health check rolls back to.
     from_version: int | None = None
+    # Set only by a verified, signed rollback command: lets an older bundle past rollback protection.
+    allow_downgrade: bool = False
+    # The slot ROLLING_BACK switches to.
+    rollback_to: int | None = None
+    # The replaced model's recent behaviour, frozen at PROMOTING for the post-switch health check.
+    baseline: HealthBaseline | None = None
     reason: str = ""
     entries: dict[str, int] = Field(default_factory=dict)
 

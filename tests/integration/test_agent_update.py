@@ -14,9 +14,11 @@ from edge_agent.ota.slots import ModelSlots
 from edge_agent.ota.states import State
 from edge_agent.ota.updater import Updater
 from firmware_bundles import TrustStore, build_bundle, generate_private_key
-from protocol.messages import DeployCommand
+from protocol.messages import DeployCommand, Hardware
 
 pytestmark = pytest.mark.integration
+
+CPU = Hardware(onnxruntime_providers=["CPUExecutionProvider"])
 
 
 
@@ -50,7 +52,7 @@ def updater(signer, tmp_path):
     slots = ModelSlots(tmp_path / "agent" / "models")
     trust = TrustStore([signer.public_key()])
     u = Updater("cam-ota", tmp_path / "agent", slots, trust, httpx.Client(timeout=30), events.append,
-                max_bundle_bytes=10 * 1024 * 1024)
+                max_bundle_bytes=10 * 1024 * 1024, hardware=CPU, agent_version="0.1.0")
     u.events = events
     return u
 
@@ -85,6 +87,7 @@ def test_older_bundle_is_refused_by_rollback_protection(updater, publish_bundle)
     assert _install(updater, publish_bundle(3)) is State.STAGED
     updater.transition(updater_event("promote"))
     updater.switch()
+    updater.commit("healthy")
     assert updater.slots.active() == 3
     state = _install(updater, publish_bundle(2))
     assert state is State.REJECTED
@@ -109,6 +112,7 @@ def test_an_update_that_keeps_crashing_the_agent_is_given_up(updater, publish_bu
     assert updater.state is State.DOWNLOADING  # the agent dies here, again and again
     for _ in range(4):
         restarted = Updater("cam-ota", tmp_path / "agent", updater.slots, TrustStore([signer.public_key()]),
-                            httpx.Client(timeout=30), lambda event: None, max_bundle_bytes=10 * 1024 * 1024)
+                            httpx.Client(timeout=30), lambda event: None, max_bundle_bytes=10 * 1024 * 1024,
+                            hardware=CPU, agent_version="0.1.0")
     assert restarted.state is State.DOWNLOADING
     assert restarted.resume_count_exceeded()
