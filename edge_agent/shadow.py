@@ -1,14 +1,27 @@
 """Shadow mode: the candidate model sees the live frames through a bounded queue that drops
-when full, so it never delays the live result; it accumulates the window's comparison."""
+when full, so it never delays the live result; it accumulates the window's comparison.
+
+The shadow budget (:class:`ShadowBudget`) bounds what the candidate may cost the device:
+``share`` of the live frames offered to it (1.0 = all, 0.5 = every other one), and
+``max_busy_fraction``, the most of the wall time over the last ``window_s`` seconds the
+candidate may spend inferring (its own CPU or GPU time, the live model keeps the rest). A frame
+that arrives while the candidate is over budget is skipped and counted (``frames_skipped_budget``),
+apart from frames dropped because the queue was full (``frames_dropped``). Frames left out by
+``share`` are not counted: they were never meant for the candidate.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import queue
 import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.inference.types import Detection
 from edge_agent.matching import agreement_counts, frame_is_correct
@@ -23,15 +36,73 @@ class ShadowItem:
     truths: list[Detection] | None
 
 
+class ShadowBudget(BaseModel):
+    """What the candidate may cost; the defaults (everything, no time limit) keep the old behaviour."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    share: float = Field(1.0, gt=0, le=1, description="share of live frames offered to the candidate")
+    max_busy_fraction: float = Field(
+        1.0, gt=0, le=1, description="most of the wall time the candidate may spend inferring"
+    )
+    window_s: float = Field(10.0, gt=0, description="sliding window the busy fraction is measured over")
+
+
+class BusyWindow:
+    """Time spent busy within the last ``window_s`` seconds, from ``(start, end)`` intervals.
+
+    Amortised O(1) per call: intervals are appended in time order and expire from the left.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._intervals: deque[tuple[float, float]] = deque()
+        self._total = 0.0  # sum of the stored intervals' full lengths
+        self.busy_since: float | None = None  # an inference in progress
+
+    def add(self, start: float, end: float) -> None:
+        self._intervals.append((start, end))
+        self._total += end - start
+
+    def busy(self, now: float) -> float:
+        cutoff = now - self.window_s
+        while self._intervals and self._intervals[0][1] <= cutoff:
+            start, end = self._intervals.popleft()
+            self._total -= end - start
+        busy = self._total
+        if self._intervals and self._intervals[0][0] < cutoff:
+            busy -= cutoff - self._intervals[0][0]  # the oldest interval only partly inside
+        if self.busy_since is not None:
+            busy += now - max(self.busy_since, cutoff)
+        return max(0.0, busy)
+
+    def fraction(self, now: float) -> float:
+        return self.busy(now) / self.window_s
+
+
 class ShadowRunner:
-    def __init__(self, detector, window_frames: int, queue_size: int = 8, iou: float = 0.5) -> None:
+    def __init__(
+        self,
+        detector,
+        window_frames: int,
+        queue_size: int = 8,
+        iou: float = 0.5,
+        budget: ShadowBudget | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._detector = detector
         self._window = window_frames
         self._iou = iou
+        self.budget = budget or ShadowBudget()
+        self._clock = clock
+        self._busy = BusyWindow(self.budget.window_s)
+        self._share_credit = 0.0
         self._queue: queue.Queue[ShadowItem | None] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
         self.frames = 0
         self.dropped = 0
+        self.skipped_budget = 0
+        self.offered = 0
         self.errors = 0
         self.last_error = ""
         self._agreed = 0
@@ -45,33 +116,60 @@ class ShadowRunner:
         self._thread = threading.Thread(target=self._loop, name="shadow", daemon=True)
         self._thread.start()
 
-    def offer(self, item: ShadowItem) -> None:
-        """Never blocks the live path: a full queue drops the frame and counts it."""
+    def offer(self, item: ShadowItem) -> bool:
+        """Never blocks the live path. True when the candidate will see the frame; a frame left out
+        by the share is not counted, one over the time budget or past a full queue is."""
         if self.done.is_set():
-            return
+            return False
+        with self._lock:
+            self.offered += 1
+            self._share_credit += self.budget.share
+            if self._share_credit < 1.0 - 1e-9:  # deterministic: share 0.5 = every other frame
+                return False
+            self._share_credit -= 1.0
+            if (self.budget.max_busy_fraction < 1.0
+                    and self._busy.fraction(self._clock()) >= self.budget.max_busy_fraction):
+                self.skipped_budget += 1
+                return False
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             with self._lock:
                 self.dropped += 1
+            return False
+        return True
 
     def _loop(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
+                self._queue.task_done()
                 return
             try:
-                result = self._detector.infer(item.image)
-            except Exception as exc:  # a crashing candidate is a failed gate, not a crashed agent
-                with self._lock:
-                    self.errors += 1
-                    self.frames += 1
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                self._check_done()
-                continue
+                self._process(item)
+            finally:
+                self._queue.task_done()
+
+    def _process(self, item: ShadowItem) -> None:
+        start = self._clock()
+        with self._lock:
+            self._busy.busy_since = start
+        result, error = None, None
+        try:
+            result = self._detector.infer(item.image)
+        except Exception as exc:  # a crashing candidate is a failed gate, not a crashed agent
+            error = exc
+        end = self._clock()
+        if result is not None:
             agreed, total = agreement_counts(item.active, result.detections, iou=self._iou)
-            with self._lock:
-                self.frames += 1
+        with self._lock:
+            self._busy.busy_since = None
+            self._busy.add(start, end)
+            self.frames += 1
+            if result is None:
+                self.errors += 1
+                self.last_error = f"{type(error).__name__}: {error}"
+            else:
                 self._agreed += agreed
                 self._boxes += total
                 self._active_latency.add(item.active_latency_ms)
@@ -80,7 +178,7 @@ class ShadowRunner:
                     self._corrected += 1
                     self._active_correct += frame_is_correct(item.active, item.truths, iou=self._iou)
                     self._candidate_correct += frame_is_correct(result.detections, item.truths, iou=self._iou)
-            self._check_done()
+        self._check_done()
 
     def _check_done(self) -> None:
         if self.frames >= self._window:
@@ -100,7 +198,17 @@ class ShadowRunner:
                 "candidate_latency_ms_p50": self._candidate_latency.percentile(50),
                 "candidate_latency_ms_p99": self._candidate_latency.percentile(99),
                 "errors": self.errors,
+                "frames_skipped_budget": self.skipped_budget,
             }
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued frame was processed (benchmarks, tests); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def close(self) -> None:
         self.done.set()
@@ -111,4 +219,5 @@ class ShadowRunner:
             except queue.Full:
                 with contextlib.suppress(queue.Empty):
                     self._queue.get_nowait()
+                    self._queue.task_done()
         self._thread.join(timeout=5)
