@@ -1,6 +1,7 @@
 """Detector backends; importing this package registers them (their runtimes load lazily)."""
 
 from edge_agent.inference.backends import onnxruntime as _onnxruntime  # noqa: F401  (registers "onnxruntime")
+from edge_agent.inference.backends import openvino as _openvino  # noqa: F401  (registers "openvino")
 from edge_agent.inference.backends import tensorrt as _tensorrt  # noqa: F401  (registers "tensorrt")
 from edge_agent.inference.backends.base import (
     Detector,
@@ -13,6 +14,7 @@ from edge_agent.inference.backends.base import (
     register_backend,
 )
 from edge_agent.inference.backends.onnxruntime import OnnxRuntimeDetector, OnnxRuntimeSettings
+from edge_agent.inference.backends.openvino import OpenVinoDetector, OpenVinoSettings
 from edge_agent.inference.backends.tensorrt import TensorRtDetector, TensorRtSettings
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "DetectorSettings",
     "OnnxRuntimeDetector",
     "OnnxRuntimeSettings",
+    "OpenVinoDetector",
+    "OpenVinoSettings",
     "TensorRtDetector",
     "TensorRtSettings",
     "available_backends",

@@ -18,6 +18,15 @@ from edge_agent.inference.backends.base import Detector, DetectorError, Detector
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
+# ORT_ENABLE_LAYOUT exists from onnxruntime 1.22; older builds fall back to ORT_ENABLE_ALL.
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "layout": "ORT_ENABLE_LAYOUT",
+    "all": "ORT_ENABLE_ALL",
+}
+
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -26,6 +35,16 @@ class OnnxRuntimeSettings(DetectorSettings):
     providers: tuple[str, ...] = Field(DEFAULT_PROVIDERS, min_length=1, description="priority order")
     intra_op_threads: int = Field(1, ge=0, description="0 lets onnxruntime choose")
     inter_op_threads: int = Field(1, ge=0)
+    graph_optimization: Literal["disable", "basic", "extended", "layout", "all"] = Field(
+        "all",
+        description="onnxruntime graph optimization level. 'extended' fuses QDQ pairs into int8 "
+        "kernels (an INT8 model below it runs slower than fp32); 'all' adds the CPU layout (NCHWc) "
+        "transforms: on the fp32 seed model 'all' ran 1.8x faster than 'basic' (benchmarks/README.md)",
+    )
+    allow_spinning: bool = Field(
+        True, description="intra-op threads busy-wait between ops (ORT default); off frees cores for "
+        "other work (shadow, uploads) at some latency when intra_op_threads > 1",
+    )
     trt_fp16: bool = Field(True, description="TensorRT EP: build FP16 engines")
     trt_engine_cache_dir: Path | None = Field(None, description="TensorRT EP: cache built engines here")
 
@@ -75,7 +94,10 @@ class OnnxRuntimeDetector(Detector):
         opts.intra_op_num_threads = s.intra_op_threads
         opts.inter_op_num_threads = s.inter_op_threads
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, _OPT_LEVELS[s.graph_optimization], ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        )
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if s.allow_spinning else "0")
         opts.log_severity_level = 3
         provider_args: list[Any] = []
         for p in providers:

@@ -102,12 +102,12 @@ def test_importing_inference_pulls_in_no_heavy_runtime():
 # --- registry & settings ---------------------------------------------------------------------------------
 
 
-def test_registry_lists_both_backends_with_their_settings():
-    assert {"onnxruntime", "tensorrt"} <= set(available_backends())
+def test_registry_lists_the_backends_with_their_settings():
+    assert {"onnxruntime", "openvino", "tensorrt"} <= set(available_backends())
     assert get_backend("onnxruntime") is OnnxRuntimeDetector
     assert get_backend("tensorrt") is TensorRtDetector
     with pytest.raises(DetectorError, match="unknown detector backend"):
-        get_backend("openvino")
+        get_backend("coreml")
 
 
 def test_parse_settings_picks_the_backend_class_and_validates():
@@ -194,6 +194,17 @@ def test_onnxruntime_settings_drive_postprocess(tmp_path):
         assert len(det.infer(np.zeros((64, 96, 3), np.uint8)).detections) == 1
     with create_detector(path, {"type": "onnxruntime", "conf": 0.5, **CPU}) as det:
         assert det.infer(np.zeros((64, 96, 3), np.uint8)).detections == ()
+
+
+@pytest.mark.parametrize("level", ["disable", "basic", "extended", "layout", "all"])
+def test_onnxruntime_graph_optimization_levels_give_the_same_detections(model_path, level):
+    frame = np.zeros((64, 96, 3), np.uint8)
+    with create_detector(model_path, {"type": "onnxruntime", "graph_optimization": level,
+                                      "allow_spinning": False, **CPU}) as det:
+        (d,) = det.infer(frame).detections
+    assert (d.cls, round(d.conf, 5)) == (1, 0.9)
+    with pytest.raises(pydantic.ValidationError):
+        OnnxRuntimeSettings(graph_optimization="max")
 
 
 def test_health_check_passes_and_catches_wrong_class_names(model_path):
