@@ -1,14 +1,18 @@
-"""Sends deploy commands for a registry version to devices over MQTT (QoS 1, one per device)."""
+"""Sends deploy and rollback commands for a registry version to devices over MQTT (QoS 1, one per
+device). Rollback commands are signed with the server's bundle signing key: a device lets an older
+bundle past its rollback protection only for a command that verifies with a key it trusts."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from protocol.messages import DeployCommand
+from firmware_bundles.commands import sign_command
+from protocol.messages import DeployCommand, RollbackCommand
 from server import audit, metrics
 from server.db.models import Deployment, Device, ModelVersion
 
@@ -32,18 +36,8 @@ def deploy_version(
     actor: str,
 ) -> list[Deployment]:
     """Publish a DeployCommand to each device (all non-revoked devices when ``device_ids`` is None)."""
-    mv = session.get(ModelVersion, version)
-    if mv is None:
-        raise DeployError(f"model version {version} does not exist")
-    if mv.status == "rejected" or not mv.bundle_key:
-        raise DeployError(f"model version {version} has no deployable bundle (status {mv.status})")
-    query = select(Device).where(Device.revoked.is_(False))
-    if device_ids is not None:
-        query = query.where(Device.id.in_(device_ids))
-    devices = session.scalars(query.order_by(Device.id)).all()
-    missing = set(device_ids or []) - {d.id for d in devices}
-    if missing:
-        raise DeployError(f"unknown or revoked devices: {', '.join(sorted(missing))}")
+    mv = _deployable(session, version)
+    devices = _devices(session, device_ids)
     url = store.presigned_get(mv.bundle_key, timedelta(seconds=presign_seconds))
     sent = []
     for device in devices:
@@ -60,4 +54,65 @@ def deploy_version(
     audit.record(session, actor, "deploy", f"version:{version}", devices=[d.id for d in devices], mode=mode)
     session.commit()
     log.info("deploy.sent", version=version, devices=len(sent), mode=mode)
+    return sent
+
+
+def _deployable(session: Session, version: int) -> ModelVersion:
+    mv = session.get(ModelVersion, version)
+    if mv is None:
+        raise DeployError(f"model version {version} does not exist")
+    if mv.status == "rejected" or not mv.bundle_key:
+        raise DeployError(f"model version {version} has no deployable bundle (status {mv.status})")
+    return mv
+
+
+def _devices(session: Session, device_ids: list[str] | None) -> list[Device]:
+    query = select(Device).where(Device.revoked.is_(False))
+    if device_ids is not None:
+        query = query.where(Device.id.in_(device_ids))
+    devices = list(session.scalars(query.order_by(Device.id)).all())
+    missing = set(device_ids or []) - {d.id for d in devices}
+    if missing:
+        raise DeployError(f"unknown or revoked devices: {', '.join(sorted(missing))}")
+    return devices
+
+
+def rollback_version(
+    session: Session,
+    store,
+    bus,
+    signing_key: Ed25519PrivateKey,
+    version: int,
+    device_ids: list[str] | None,
+    *,
+    reason: str,
+    presign_seconds: int,
+    actor: str,
+) -> list[Deployment]:
+    """Publish a signed RollbackCommand to ``version`` to each device (all non-revoked when None).
+
+    The command carries the version's bundle (presigned URL, sha256, size), so a device that has
+    pruned that slot fetches it; it expires with the URL, which bounds replays.
+    """
+    mv = _deployable(session, version)
+    devices = _devices(session, device_ids)
+    expires = timedelta(seconds=presign_seconds)
+    url = store.presigned_get(mv.bundle_key, expires)
+    expires_at = datetime.now(UTC) + expires
+    sent = []
+    for device in devices:
+        command = sign_command(RollbackCommand(
+            device_id=device.id, to_version=version, reason=reason, bundle_url=url,
+            bundle_sha256=mv.bundle_sha256, bundle_size=mv.bundle_size, expires_at=expires_at,
+        ), signing_key)
+        deployment = Deployment(device_id=device.id, version=version, command_id=command.command_id,
+                                mode="rollback", reason=reason)
+        session.add(deployment)
+        session.flush()
+        bus.publish_command(device.id, command)
+        metrics.DEPLOY_COMMANDS.labels(mode="rollback").inc()
+        sent.append(deployment)
+    audit.record(session, actor, "rollback", f"version:{version}", devices=[d.id for d in devices], reason=reason)
+    session.commit()
+    log.info("deploy.rollback_sent", version=version, devices=len(sent), reason=reason)
     return sent
