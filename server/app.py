@@ -24,7 +24,7 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
     from server.ingest import IngestService
     from server.mqtt_bus import MqttBus
     from server.objectstore import ObjectStore
-    from server.pipeline.executor import LocalSubprocessExecutor
+    from server.pipeline.executor import make_executor
     from server.pipeline.runner import RetrainRunner
     from server.pipeline.trigger import RetrainScheduler
     from server.publish import ModelPublisher, ensure_signing_key
@@ -60,8 +60,8 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
                                actor="auto-deploy")
 
     ctx.on_promoted = on_promoted
-    runner = RetrainRunner(settings, sessions, store, LocalSubprocessExecutor(
-        timeout_seconds=settings.training.timeout_seconds), publisher, on_promoted, alerts=alerts)
+    runner = RetrainRunner(settings, sessions, store, make_executor(settings, store), publisher, on_promoted,
+                           alerts=alerts)
     ctx.scheduler = RetrainScheduler(sessions, runner.run)
     ctx.ingest = IngestService(
         sessions, store, settings.class_names,

@@ -51,6 +51,53 @@ def environment(ultralytics_version: str) -> dict:
     }
 
 
+def _evaluation_key(weights: str, data_yaml: str, imgsz: int) -> str:
+    """Weights bytes + the data yaml + every file it points at (names, sizes): same key, same metrics."""
+    import hashlib
+
+    import yaml
+
+    from training.data_contract import IMAGE_SUFFIXES
+
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    text = Path(data_yaml).read_text()
+    h.update(text.encode())
+    h.update(str(imgsz).encode())
+    spec = yaml.safe_load(text)
+    root = Path(spec.get("path", Path(data_yaml).parent))
+    entries = spec.get("val") or []
+    for entry in entries if isinstance(entries, list) else [entries]:
+        folder = Path(entry) if Path(entry).is_absolute() else root / entry
+        paths = ([Path(x) for x in folder.read_text().split()] if folder.is_file()
+                 else sorted(folder.rglob("*")) if folder.is_dir() else [])
+        for path in paths:
+            if path.suffix.lower() in IMAGE_SUFFIXES | {".txt"} and path.is_file():
+                h.update(f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+            label = Path(str(path.with_suffix(".txt")).replace("/images/", "/labels/"))
+            if path.suffix.lower() in IMAGE_SUFFIXES and label.is_file():
+                h.update(f"{label}:{label.stat().st_size}:{label.stat().st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def cached_evaluation(cache_dir: str | None, weights: str, data_yaml: str, imgsz: int, compute) -> dict:
+    """Production's metrics on an unchanged set are the same every job (the golden set is fixed):
+    evaluate once per (weights, set) and reuse."""
+    if not cache_dir:
+        return compute()
+    path = Path(cache_dir) / f"{_evaluation_key(weights, data_yaml, imgsz)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    metrics = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics))
+    tmp.replace(path)
+    return metrics
+
+
 def _sample_images(eval_sets: dict[str, str], count: int) -> list[Path]:
     """A few validation images for the export parity check (new data first, then golden)."""
     import yaml
@@ -72,7 +119,10 @@ def _sample_images(eval_sets: dict[str, str], count: int) -> list[Path]:
 
 
 def run(spec: dict) -> dict:
+    from training.job_io import fetch_inputs, upload_outputs
     from training.ultralytics_env import offline_ultralytics
+
+    fetch_inputs(spec)  # a Kubernetes pod: the staged inputs come from the object store first
 
     out_dir = Path(spec["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,9 +160,10 @@ def run(spec: dict) -> dict:
             yolo.evaluate(trained.best_pt, data_yaml, imgsz, config_dir=config_dir)
         )
         if spec.get("production_weights"):
-            metrics["production"][name] = _metrics_dict(
-                yolo.evaluate(spec["production_weights"], data_yaml, imgsz, config_dir=config_dir)
-            )
+            metrics["production"][name] = cached_evaluation(
+                spec.get("eval_cache_dir"), spec["production_weights"], data_yaml, imgsz,
+                lambda data_yaml=data_yaml: _metrics_dict(
+                    yolo.evaluate(spec["production_weights"], data_yaml, imgsz, config_dir=config_dir)))
         emit(
             "evaluated",
             eval_set=name,
@@ -164,6 +215,7 @@ def run(spec: dict) -> dict:
         "environment": environment(ultralytics.__version__),
     }
     (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    upload_outputs(spec, result)  # before the result event: the executor fetches what it names
     emit("result", result=result)
     return result
 

@@ -175,6 +175,7 @@ def plan_inputs(spec: dict, *, inputs_dir: str, out_dir: str, config_dir: str) -
     pod_spec["out_dir"] = out_dir
     pod_spec["config_dir"] = config_dir
     pod_spec["inputs_dir"] = inputs_dir
+    pod_spec.pop("eval_cache_dir", None)  # a server-side folder; the pod has no use for it
     return pod_spec, plan
 
 

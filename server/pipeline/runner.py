@@ -214,7 +214,8 @@ class RetrainRunner:
 
         eval_sets = {"golden": str(s.eval_sets["golden"]), "new_data": str(new_data_yaml)}
         eval_sets.update({k: str(v) for k, v in s.eval_sets.items() if k != "golden"})
-        eval_sets.update(device_slices(work / "data", manifest, dataset.val_images, s.class_names))
+        if len(snapshot.devices) > 1:  # with one source device its slice is the new-data split itself
+            eval_sets.update(device_slices(work / "data", manifest, dataset.val_images, s.class_names))
         with self._sessions() as session:
             engine_targets = fleet_engine_targets(session)
         spec = {
@@ -222,6 +223,7 @@ class RetrainRunner:
             "imgsz": policy.imgsz, "finetune": policy.finetune_params(), "eval_sets": eval_sets,
             "onnx_eval_sets": ["golden", "new_data"], "engine_targets": engine_targets,
             "production_weights": str(prod_pt), "config_dir": str((s.data_dir / "ultralytics").resolve()),
+            "eval_cache_dir": str((s.data_dir / "eval-cache").resolve()),
         }
 
         def on_event(event: dict) -> None:

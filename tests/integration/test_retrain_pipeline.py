@@ -131,7 +131,7 @@ def test_passing_candidate_is_bundled_signed_registered_and_promoted(ctx, tmp_pa
     (val_dir,) = yaml.safe_load(Path(executor.spec["eval_sets"]["new_data"]).read_text())["val"]
     new_val = list(Path(val_dir).glob("*.jpg"))
     assert len(new_val) >= 1 and len(train_list) == (20 - len(new_val)) + min(10, 2 * (20 - len(new_val)))
-    assert set(executor.spec["eval_sets"]) == {"golden", "new_data", "device:cam-1"}
+    assert set(executor.spec["eval_sets"]) == {"golden", "new_data"}  # one device: no separate slice
     assert executor.spec["engine_targets"] == []  # no device reports a GPU
 
     with ctx.sessions() as session:
@@ -201,11 +201,15 @@ def test_contract_rejects_are_kept_with_their_reason_and_left_out_of_the_snapsho
     with ctx.sessions() as session:
         assert session.get(Sample, corrupt).status == "rejected"
         assert "data contract: image does not decode" in session.get(Sample, corrupt).reject_reason
-        assert session.get(Sample, copy).status == "rejected"
-        assert "duplicate" in session.get(Sample, copy).reject_reason
+        # Whichever of the two identical images comes second is the duplicate.
+        pair = [session.get(Sample, copy), session.get(Sample, good[3])]
+        assert sorted(s.status for s in pair) == ["rejected", "validated"]
+        (dup,) = [s for s in pair if s.status == "rejected"]
+        assert "data contract: exact duplicate of sample" in dup.reject_reason
         snapshot = session.get(Snapshot, session.get(ModelVersion, 2).snapshot_id)
         assert snapshot.sample_count == 20
-        assert {s.id for s in session.query(Sample).filter_by(snapshot_id=snapshot.id)} == set(good)
+        assert {s.id for s in session.query(Sample).filter_by(snapshot_id=snapshot.id)} == (
+            set(good) | {copy}) - {dup.id}
     assert "data contract: 20 accepted, 2 rejected of 22" in job.log
 
 
@@ -340,3 +344,18 @@ def test_manual_approval_keeps_a_passing_candidate_waiting_then_approve_and_roll
         assert session.get(ModelVersion, 2).status == "rolled_back"
         with pytest.raises(registry.RegistryError, match="no previous"):
             registry.rollback(session)
+
+
+def test_several_source_devices_get_one_eval_slice_each_over_their_share_of_new_data(ctx, tiny_onnx):
+    _add_samples(ctx, 20, "cam-1")
+    _add_samples(ctx, 20, "cam-2", start=50)
+    executor = StandInExecutor(tiny_onnx("candidate.onnx"), GOOD)
+    job, _ = _run(ctx, executor)
+    assert job.status == "succeeded", job.log
+    sets = executor.spec["eval_sets"]
+    assert {"device:cam-1", "device:cam-2"} <= set(sets)
+    (new_val,) = yaml.safe_load(Path(sets["new_data"]).read_text())["val"]
+    slices = [Path(yaml.safe_load(Path(sets[f"device:{d}"]).read_text())["val"][0]).read_text().split()
+              for d in ("cam-1", "cam-2")]
+    assert sorted(Path(p).name for s in slices for p in s) == sorted(p.name for p in Path(new_val).glob("*.jpg"))
+    assert executor.spec["eval_cache_dir"].endswith("eval-cache")
