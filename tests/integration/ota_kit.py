@@ -112,10 +112,11 @@ class Bundles:
             "v2-blind": detector_bundle(work / "v2-blind.tar", work / "build", 2, self.key, score=0.0),
             "v2-untrusted": detector_bundle(work / "v2-untrusted.tar", work / "build", 2, generate_private_key()),
         }
-        self.urls = {}
+        self.urls, self.object_keys = {}, {}
         for name, path in self.paths.items():
-            key = f"crash-test/{uuid.uuid4().hex[:8]}/{name}.tar"
+            key = f"ota-test/{uuid.uuid4().hex[:8]}/{name}.tar"
             store.put_file(key, path)
+            self.object_keys[name] = key
             self.urls[name] = store.presigned_get(key, timedelta(hours=1))
 
     def deploy(self, device: str, name: str, *, mode: str = "shadow_then_switch") -> DeployCommand:
