@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,13 +41,26 @@ class AgentSettings(BaseSettings):
     trusted_keys: Path | None = None
 
     # "folder:/path/to/images" (labels beside images stand in for QA corrections), a video
-    # file, an rtsp:// or http:// stream, or a camera index.
+    # file, an rtsp:// or http(s):// stream, a camera index ("0", "usb:0"), or a plugin scheme
+    # such as "synthetic:line_b?seed=1&labels=0.2" (see edge_agent.sources).
     source: str = ""
     loop_source: bool = True
     max_fps: float = Field(0.0, ge=0, description="0 = as fast as inference allows")
     max_frames: int = Field(0, ge=0, description="stop after this many frames; 0 = run forever")
+    # Live streams and cameras: a stalled read gives up after read_timeout, a dropped stream is
+    # reopened after a backoff that doubles per failure up to source_reconnect_max_s.
+    source_open_timeout_s: float = Field(10.0, gt=0)
+    source_read_timeout_s: float = Field(5.0, gt=0)
+    source_reconnect_min_s: float = Field(0.5, gt=0)
+    source_reconnect_max_s: float = Field(30.0, gt=0)
 
     detector: dict[str, Any] = Field(default_factory=lambda: {"type": "onnxruntime", "intra_op_threads": 1})
+    # TensorRT engines (detector type "tensorrt"): precisions in order of preference; when the
+    # bundle has no engine for this GPU + TensorRT version, build one from its ONNX (cached in
+    # data_dir/engines) unless engine_build is off.
+    engine_precision: tuple[Literal["fp16", "fp32", "int8"], ...] = ("fp16", "fp32")
+    engine_build: bool = True
+    engine_build_workspace_mb: int = Field(1024, ge=64)
 
     # Sample collection.
     collect_corrections: bool = True
@@ -65,6 +78,11 @@ class AgentSettings(BaseSettings):
     shadow_max_errors: int = Field(0, ge=0)
     # On frames with a QA correction the candidate may not be less accurate than this.
     shadow_accuracy_tolerance: float = Field(0.0, ge=0, le=1)
+    # Shadow budget: share of live frames the candidate gets, and the most of the wall time it
+    # may spend inferring over a sliding window (frames over budget are skipped and counted).
+    shadow_share: float = Field(1.0, gt=0, le=1)
+    shadow_max_busy_fraction: float = Field(1.0, gt=0, le=1)
+    shadow_budget_window_s: float = Field(10.0, gt=0)
     # Post-switch health window (errors, confidence collapse) before an update is committed;
     # env as JSON, e.g. EDGELOOP_AGENT_HEALTH='{"window_frames": 100}'.
     health: HealthSettings = Field(default_factory=HealthSettings)

@@ -65,6 +65,28 @@ def select_providers(wanted: tuple[str, ...] | list[str], available: list[str]) 
     return chosen
 
 
+def provider_args(providers: list[str], settings: OnnxRuntimeSettings) -> list[Any]:
+    """``providers`` as InferenceSession takes them, with options for the TensorRT EP: fp16, and the
+    engine + timing caches in ``trt_engine_cache_dir`` (TensorRT builds take minutes; the cache
+    keeps restarts fast)."""
+    args: list[Any] = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider":
+            trt_opts: dict[str, Any] = {"trt_fp16_enable": settings.trt_fp16}
+            if settings.trt_engine_cache_dir is not None:
+                cache = str(settings.trt_engine_cache_dir)
+                trt_opts |= {
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": cache,
+                    "trt_timing_cache_enable": True,
+                    "trt_timing_cache_path": cache,
+                }
+            args.append((p, trt_opts))
+        else:
+            args.append(p)
+    return args
+
+
 @register_backend("onnxruntime")
 class OnnxRuntimeDetector(Detector):
     settings_cls = OnnxRuntimeSettings
@@ -99,21 +121,12 @@ class OnnxRuntimeDetector(Detector):
         )
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if s.allow_spinning else "0")
         opts.log_severity_level = 3
-        provider_args: list[Any] = []
-        for p in providers:
-            if p == "TensorrtExecutionProvider":
-                trt_opts: dict[str, Any] = {"trt_fp16_enable": s.trt_fp16}
-                if s.trt_engine_cache_dir is not None:
-                    s.trt_engine_cache_dir.mkdir(parents=True, exist_ok=True)
-                    trt_opts |= {
-                        "trt_engine_cache_enable": True,
-                        "trt_engine_cache_path": str(s.trt_engine_cache_dir),
-                    }
-                provider_args.append((p, trt_opts))
-            else:
-                provider_args.append(p)
+        if s.trt_engine_cache_dir is not None and "TensorrtExecutionProvider" in providers:
+            s.trt_engine_cache_dir.mkdir(parents=True, exist_ok=True)
         try:
-            session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=provider_args)
+            session = ort.InferenceSession(
+                str(self.model_path), sess_options=opts, providers=provider_args(providers, s)
+            )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise DetectorError(f"cannot load {self.model_path}: {type(e).__name__}: {e}") from e
 
