@@ -388,6 +388,16 @@ class ResolvedModel:
         return self.plan.kind
 
 
+def detector_settings(base: Mapping[str, Any], resolved: ResolvedModel, manifest: BundleManifest) -> dict[str, Any]:
+    """``base`` detector settings for the resolved file: a TensorRT engine from the bundle may lack
+    the metadata header that names its classes, so the signed manifest's class names fill in
+    (the health check still compares their count with the engine's output)."""
+    settings = dict(base)
+    if resolved.kind == "tensorrt" and settings.get("class_names") is None:
+        settings["class_names"] = list(manifest.class_names)
+    return settings
+
+
 _BUILD_LOCKS: dict[Path, threading.Lock] = {}
 _BUILD_LOCKS_GUARD = threading.Lock()
 

@@ -20,6 +20,7 @@ from edge_agent.inference.engines import (
     BuildProgress,
     BuildRequest,
     EngineError,
+    detector_settings,
     engine_cache_path,
     plan_model,
     resolve_model,
@@ -191,6 +192,16 @@ def test_matching_bundle_engine_is_loaded_without_building(slot: Path, tmp_path:
     resolved = resolve_model(slot, _manifest(_engine("orin.engine", "8.7", "10.3")), ORIN, "tensorrt",
                              cache_dir=tmp_path / "engines", builder=builder)
     assert resolved.path == slot / "orin.engine" and not resolved.built and builder.calls == []
+
+
+def test_detector_settings_name_the_classes_of_a_bundle_engine(slot: Path, tmp_path: Path) -> None:
+    m = _manifest(_engine("orin.engine", "8.7", "10.3"))
+    base = {"type": "tensorrt", "conf": 0.3}
+    engine = resolve_model(slot, m, ORIN, "tensorrt", cache_dir=tmp_path)
+    assert detector_settings(base, engine, m) == {**base, "class_names": ["scratch", "dent", "stain"]}
+    assert detector_settings({**base, "class_names": ["x"]}, engine, m)["class_names"] == ["x"]  # explicit wins
+    onnx = resolve_model(slot, m, CPU_ONLY, "onnxruntime", cache_dir=tmp_path)
+    assert detector_settings({"type": "onnxruntime"}, onnx, m) == {"type": "onnxruntime"}  # ONNX embeds its names
 
 
 def test_missing_file_in_the_slot_is_an_error(slot: Path, tmp_path: Path) -> None:
