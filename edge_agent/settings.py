@@ -70,6 +70,32 @@ class AgentSettings(BaseSettings):
     max_samples_per_hour: int = Field(5000, ge=0)
     jpeg_quality: int = Field(92, ge=50, le=100)
     spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
+    # Per reason: samples per rolling hour and per UTC day (the day's counts survive restarts,
+    # data_dir/collector-quota.json); 0 = none of that reason. All under max_samples_per_hour.
+    correction_max_per_hour: int = Field(5000, ge=0)
+    correction_max_per_day: int = Field(50_000, ge=0)
+    low_confidence_max_per_hour: int = Field(600, ge=0)
+    low_confidence_max_per_day: int = Field(5000, ge=0)
+    shadow_disagreement_max_per_hour: int = Field(600, ge=0)
+    shadow_disagreement_max_per_day: int = Field(5000, ge=0)
+    random_max_per_hour: int = Field(120, ge=0)
+    random_max_per_day: int = Field(1000, ge=0)
+    # Near-duplicates: a sample within this Hamming distance (of 256 pHash bits) of one of the
+    # last dedup_window accepted samples is dropped; window 0 = off.
+    dedup_max_distance: int = Field(24, ge=0, le=256)
+    dedup_window: int = Field(256, ge=0)
+    # A shadowed frame is collected when its agreement between the two models is below this.
+    collect_shadow_disagreement: bool = True
+    shadow_disagreement_below: float = Field(1.0, gt=0, le=1)
+    # Line HMI correction endpoint (POST /v1/corrections); port 0 = off. Binding beyond
+    # loopback requires hmi_token (sent as "Authorization: Bearer ...").
+    hmi_host: str = "127.0.0.1"
+    hmi_port: int = Field(0, ge=0, le=65535)
+    hmi_token: SecretStr = SecretStr("")
+    hmi_max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # Recent frames a correction can still refer to: count and memory caps (oldest go first).
+    frame_buffer_frames: int = Field(256, ge=1)
+    frame_buffer_max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
 
     # OTA.
     max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)
