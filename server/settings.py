@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.finetune import FINETUNE_DEFAULTS
@@ -53,12 +53,75 @@ class TrainingPolicy(BaseSettings):
 
     # Data contract, checked before training on every new batch.
     max_reject_fraction: float = Field(0.2, ge=0, le=1)
-    near_duplicate_distance: int = Field(4, ge=0, le=32)
+    near_duplicate_distance: int = Field(24, ge=0, le=256)  # of a 256-bit perceptual hash
     min_class_share: float = Field(0.05, ge=0, le=1)
     # Poisoning defense per source device.
     poison_max_contradiction_rate: float = Field(0.3, ge=0, le=1)
     poison_max_class_divergence: float = Field(0.5, ge=0, le=1)
     poison_min_samples: int = Field(20, ge=1)
+
+
+class DriftThreshold(BaseModel):
+    """When one metric counts as drifting: ``statistic`` over ``raise_above`` raises it, and it
+    clears once under ``clear_below`` (hysteresis); see server/drift/scoring.py for the statistics."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    statistic: Literal["psi", "ks", "wasserstein"] = "psi"
+    raise_above: float = Field(0.25, gt=0)
+    clear_below: float = Field(0.1, ge=0)
+
+
+class DriftPolicy(BaseSettings):
+    """How device drift windows are judged against the model's reference and what happens then
+    (server/drift/). Env ``EDGELOOP_DRIFT_*``; maps as JSON, e.g. EDGELOOP_DRIFT_THRESHOLDS."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_DRIFT_", extra="ignore")
+
+    enabled: bool = True
+    # Default threshold of every metric; per metric (exact name, or a prefix ending in "*" such
+    # as "confidence/*") in thresholds.
+    threshold: DriftThreshold = Field(default_factory=DriftThreshold)
+    thresholds: dict[str, DriftThreshold] = Field(default_factory=dict)
+    # Hysteresis: a signal rises after raise_after consecutive windows over its raise threshold and
+    # clears after clear_after consecutive windows under its clear threshold.
+    raise_after: int = Field(3, ge=1)
+    clear_after: int = Field(3, ge=1)
+    # A metric is scored only when the window has this many values of it (noise floor).
+    min_count: int = Field(100, ge=1)
+    # Performance decay: the line's QA corrects too many frames, or the model's confidence or
+    # detection rate collapses against its reference (ratios, as the agent's post-switch health check).
+    max_correction_rate: float = Field(0.25, ge=0, le=1)
+    clear_correction_rate: float = Field(0.15, ge=0, le=1)
+    min_qa_frames: int = Field(20, ge=1)
+    min_confidence_ratio: float = Field(0.7, ge=0, le=1)
+    clear_confidence_ratio: float = Field(0.85, ge=0, le=1)
+    min_detection_rate_ratio: float = Field(0.5, ge=0, le=1)
+    clear_detection_rate_ratio: float = Field(0.7, ge=0, le=1)
+    min_frames: int = Field(100, ge=1)
+    # Actions. Sampling boost: random_rate sent to a drifting device, and restored on clear.
+    alert: bool = True
+    boost_sampling: bool = True
+    boost_random_rate: float = Field(0.05, ge=0, le=1)
+    normal_random_rate: float = Field(0.0, ge=0, le=1)
+    retrain_on_drift: bool = True
+    retrain_on_decay: bool = True
+    # A device whose model decays within this many windows of switching to it is rolled back
+    # (signed rollback to the version it ran before) instead of waiting for a retrain.
+    rollback_on_decay: bool = True
+    rollback_within_windows: int = Field(10, ge=1)
+    # Device groups scored on their summed windows: name -> device-id glob patterns.
+    groups: dict[str, list[str]] = Field(default_factory=lambda: {"fleet": ["*"]})
+    # Reference of a model version: up to this many images per source (its training data).
+    reference_images: int = Field(1000, ge=10)
+
+    def threshold_for(self, metric: str) -> DriftThreshold:
+        if metric in self.thresholds:
+            return self.thresholds[metric]
+        for pattern, threshold in self.thresholds.items():
+            if pattern.endswith("*") and metric.startswith(pattern[:-1]):
+                return threshold
+        return self.threshold
 
 
 class KubernetesExecutorSettings(BaseSettings):
@@ -126,6 +189,10 @@ class ServerSettings(BaseSettings):
     s3_bucket: str = "edgeloop"
 
     admin_token: SecretStr | None = None
+    # Failed enrollments (unknown/expired/used-up bootstrap token) allowed per client address in a
+    # moving window (a `limits` rate string); the storage URI makes it shared across replicas.
+    enroll_failure_limit: str = "10/5minutes"
+    rate_limit_storage: str = "memory://"
     signing_key: Path | None = None  # ed25519 private key PEM; generated in data_dir if unset
     class_names: list[str] = Field(default_factory=lambda: ["scratch", "dent", "stain"])
     model_name: str = "defect-detector"
@@ -148,6 +215,8 @@ class ServerSettings(BaseSettings):
     kubernetes: KubernetesExecutorSettings = Field(default_factory=KubernetesExecutorSettings)
     # Alerts (rejected candidates, quarantined devices, halted batches) are also POSTed here.
     alert_webhook_url: str = ""
+    # Drift and performance-decay monitoring of the fleet (server/drift/).
+    drift: DriftPolicy = Field(default_factory=DriftPolicy)
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -36,8 +36,10 @@ class ContractLimits:
     max_bytes: int = 8 * 1024 * 1024
     min_side: int = 16
     max_side: int = 4096
-    # Perceptual-hash Hamming distance (of 64 bits) at or below which two images are the same scene.
-    near_duplicate_distance: int = 4
+    # Perceptual-hash Hamming distance (of 256 bits) at or below which two images are the same scene.
+    # 64-bit hashes put distinct synthetic frames as close as 4 bits; at 256 bits distinct frames
+    # stayed >= 34 apart while noisy re-encodes of one frame moved <= 18 bits at p99.
+    near_duplicate_distance: int = 24
     max_reject_fraction: float = 0.2
     # A class under this share of all boxes is flagged in the balance report.
     min_class_share: float = 0.05
@@ -70,17 +72,24 @@ class ContractReport:
         return {**asdict(self), "reject_fraction": round(self.reject_fraction, 4)}
 
 
-def phash(image_bgr: np.ndarray) -> int:
+HASH_SIZE = 16  # 16x16 = 256-bit pHash
+
+
+def phash(image_bgr: np.ndarray) -> np.ndarray:
+    """256-bit DCT perceptual hash (ImageHash), packed into 32 bytes."""
     rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-    return int(str(imagehash.phash(Image.fromarray(rgb))), 16)
+    return np.packbits(imagehash.phash(Image.fromarray(rgb), hash_size=HASH_SIZE).hash.reshape(-1))
 
 
-def hamming(hashes: np.ndarray, value: int) -> np.ndarray:
-    """Bit distance from ``value`` to each of ``hashes`` (uint64)."""
+def hamming(hashes: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Bit distance from ``value`` to each row of ``hashes`` (n x 32 bytes)."""
     if not len(hashes):
         return np.empty(0, dtype=np.int64)
-    x = np.bitwise_xor(hashes, np.uint64(value))
-    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+    return np.unpackbits(np.bitwise_xor(hashes, value[None, :]), axis=1).sum(axis=1)
+
+
+def _stack(hashes: list[np.ndarray]) -> np.ndarray:
+    return np.stack(hashes) if hashes else np.empty((0, HASH_SIZE * HASH_SIZE // 8), dtype=np.uint8)
 
 
 @dataclass
@@ -88,7 +97,7 @@ class ReferenceIndex:
     """Hashes of a set of images that training data must not overlap (the golden set)."""
 
     sha256: set[str] = field(default_factory=set)
-    phashes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
+    phashes: np.ndarray = field(default_factory=lambda: _stack([]))
 
     @classmethod
     def from_images(cls, paths: Iterable[Path]) -> ReferenceIndex:
@@ -100,7 +109,7 @@ class ReferenceIndex:
                 continue
             shas.add(hashlib.sha256(data).hexdigest())
             hashes.append(phash(image))
-        return cls(shas, np.array(hashes, dtype=np.uint64))
+        return cls(shas, _stack(hashes))
 
     @classmethod
     def from_data_yaml(cls, data_yaml: Path) -> ReferenceIndex:
@@ -185,7 +194,7 @@ class DataContract:
     def check_batch(self, candidates: Iterable[Candidate]) -> ContractReport:
         report = ContractReport()
         seen_sha: dict[str, str] = {}
-        kept_hashes: list[int] = []
+        kept_hashes: list[np.ndarray] = []
         kept_ids: list[str] = []
         classes: Counter[int] = Counter()
         for cand in candidates:
@@ -207,7 +216,7 @@ class DataContract:
                 if len(near_golden) and near_golden.min() <= self.limits.near_duplicate_distance:
                     raise ContractViolation(f"near duplicate of a golden-set image (leakage; perceptual hash "
                                             f"distance {int(near_golden.min())})")
-                near = hamming(np.array(kept_hashes, dtype=np.uint64), value)
+                near = hamming(_stack(kept_hashes), value)
                 if len(near) and near.min() <= self.limits.near_duplicate_distance:
                     raise ContractViolation(f"near duplicate of sample {kept_ids[int(near.argmin())]} "
                                             f"(perceptual hash distance {int(near.min())})")
