@@ -245,8 +245,8 @@ class Agent:
                 try:
                     self.shadow_detector = self._load(self.updater.record.version)
                 except Exception as exc:
-                    self.updater.discard_candidate()
                     self.updater.transition(Event.ABORT, f"candidate failed its health check: {exc}")
+                    self.updater.discard_candidate()
                     return
                 self.shadow = ShadowRunner(self.shadow_detector, self.updater.record.shadow_frames,
                                            self.settings.shadow_queue)
@@ -258,8 +258,8 @@ class Agent:
                     self.shadow = ShadowRunner(self.shadow_detector, self.updater.record.shadow_frames,
                                                self.settings.shadow_queue)
                 except Exception as exc:
-                    self.updater.discard_candidate()
                     self.updater.transition(Event.SHADOW_FAILED, f"candidate failed to load: {exc}")
+                    self.updater.discard_candidate()
                 return
             if self.shadow.done.is_set():
                 self._finish_shadow()
@@ -282,8 +282,8 @@ class Agent:
         self._end_shadow()
         failure = shadow_gate_failure(report, self.settings.shadow_max_errors, self.settings.shadow_accuracy_tolerance)
         if failure:
-            self.updater.discard_candidate()
             self.updater.transition(Event.SHADOW_FAILED, f"{failure} ({_describe(report)})")
+            self.updater.discard_candidate()
             return
         self._promote(Event.SHADOW_PASSED, _describe(report))
 
@@ -293,8 +293,8 @@ class Agent:
         try:
             new = self._load(rec.version)
         except Exception as exc:
-            self.updater.discard_candidate()
             self.updater.transition(Event.SWITCH_FAILED, f"new model failed its health check: {exc}")
+            self.updater.discard_candidate()
             self._sync_detector()
             return
         old = self.detector

@@ -82,11 +82,17 @@ class Updater:
         self._sweep_downloads()
 
     def _sweep_downloads(self) -> None:
-        """Only the running update's download is worth keeping once it is past verification."""
+        """Only the running update's download is worth keeping once it is past verification; at rest
+        no candidate exists (a crash may have come between an exit and its clean-up)."""
         keep = self._part_path() if self.record.state in (State.DOWNLOADING, State.VERIFYING) else None
         for part in self._downloads.glob("*.part"):
             if part != keep:
                 part.unlink(missing_ok=True)
+        if self.record.state in RESTING:
+            candidate = self.slots.candidate()
+            if candidate is not None:
+                self.slots.set_candidate(None)
+                self.slots.remove(candidate)
 
     @property
     def state(self) -> State:
@@ -193,7 +199,6 @@ class Updater:
                 self.record = UpdateRecord(**fields)
                 self.transition(Event.ROLLBACK, f"signed rollback to version {target} ({why})")
                 return self.record.state
-            self.slots.delete(target)  # damaged, or a stale folder: re-made from the fetched bundle
             self.record = UpdateRecord(**fields, bundle_url=command.bundle_url or "",
                                        bundle_sha256=command.bundle_sha256 or "",
                                        bundle_size=command.bundle_size or 0)
@@ -205,8 +210,8 @@ class Updater:
         """Cancel an update that is not serving yet. A fetch running in the background notices and
         stops (it checks the update is still current before every step)."""
         with self._lock:
+            self.transition(Event.ABORT, reason)  # persisted first: a background fetch stops at its next step
             self.discard_candidate()
-            self.transition(Event.ABORT, reason)
 
     # ------------------------------------------------------------------ download + verify
 
@@ -309,8 +314,8 @@ class Updater:
         except (BundleError, OSError) as exc:
             with self._lock:
                 if self._current(uid, State.VERIFYING):
-                    self._part_path().unlink(missing_ok=True)
                     self.transition(Event.VERIFY_FAILED, str(exc))
+                    self._part_path().unlink(missing_ok=True)
             return
         with self._lock:
             if not self._current(uid, State.VERIFYING):
@@ -386,10 +391,11 @@ class Updater:
             self._part_path().unlink(missing_ok=True)
             return self.transition(Event.DOWNLOAD_FAILED, reason)
         if state in ABORTABLE:
-            self.discard_candidate()
             event = {State.VERIFYING: Event.VERIFY_FAILED, State.STAGED: Event.ABORT,
                      State.SHADOWING: Event.SHADOW_FAILED}[state]
-            return self.transition(event, reason)
+            after = self.transition(event, reason)
+            self.discard_candidate()
+            return after
         if state is State.PROMOTING:
             # The crash may have come after the link moved: put the replaced model back.
             if rec.from_version is not None and self.slots.has(rec.from_version):

@@ -89,6 +89,7 @@ def test_sigkill_at_each_state_resumes_to_the_right_end_serving_a_verified_model
     watch.send(command)
 
     agent.wait_killed()
+    wait_for(lambda: watch.status.state == "offline", "the broker's last will for the killed agent")
     state_at_kill = case.crash_at.split("+")[0]
     assert agent.record().state.value == state_at_kill
     assert agent.record().update_id == command.command_id
@@ -102,12 +103,13 @@ def test_sigkill_at_each_state_resumes_to_the_right_end_serving_a_verified_model
     assert assert_serving_a_verified_model(agent, bundles.trust, {case.end_active}) == case.end_active
 
     record = agent.record()
-    ours = [e for e in watch.updates if e.update_id == command.command_id]
-    resumes = [e for e in ours if e.event == "resume"]
-    assert resumes and resumes[0].from_state == state_at_kill, [(e.event, e.to_state) for e in ours]
+    resume = wait_for(lambda: next((e for e in watch.updates if e.update_id == command.command_id
+                                    and e.event == "resume"), None), "the restart reported on the update topic")
+    assert resume.from_state == resume.to_state == state_at_kill
     wait_for(lambda: any(e.to_state == case.end_state.value and e.event != "resume" for e in watch.updates
                          if e.update_id == command.command_id) or state_at_kill == case.end_state.value,
              "the final transition on the update topic")
+    ours = [e for e in watch.updates if e.update_id == command.command_id]
     assert all(e.reason for e in ours), "every transition is reported with a reason"
     if case.crash_at == "DOWNLOADING+partial":  # the second start asked only for the missing bytes
         offsets = [entry["resume_from"] for entry in log_entries(agent) if entry.get("event") == "ota.download"]
