@@ -45,6 +45,8 @@ log = structlog.get_logger(__name__)
 
 # While a switch is under way a rollback command waits for it to finish.
 _SWITCHING = frozenset({State.PROMOTING, State.ROLLING_BACK})
+# States whose step loads a model in the background.
+_LOADING_STATES = frozenset({State.STAGED, State.SHADOWING, State.PROMOTING, State.ROLLING_BACK})
 
 
 def detect_hardware() -> Hardware:
@@ -94,6 +96,9 @@ class Agent:
         self._deferred: list[tuple[RollbackCommand, State]] = []
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ota")
         self._bg_future: Future | None = None
+        # Models for a switch or a shadow load here, off the frame loop: ((update id, version), future).
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+        self._loading: tuple[tuple[str, int], Future] | None = None
         self.detector = None
         self.active_version: int | None = None
         self.shadow: ShadowRunner | None = None
@@ -143,6 +148,25 @@ class Agent:
             return
         self.detector, self.active_version = None, None
         log.error("agent.no_loadable_model", broken=version)
+
+    def _loaded(self, version: int):
+        """The detector for ``version``, loaded off the frame loop: None while it loads (the current
+        model keeps serving), then the detector; raises what the load raised."""
+        key = (self.updater.record.update_id, version)
+        if self._loading is None or self._loading[0] != key:
+            self._drop_loading()
+            self._loading = (key, self._loader.submit(self._load, version))
+            return None
+        future = self._loading[1]
+        if not future.done():
+            return None
+        self._loading = None
+        return future.result()
+
+    def _drop_loading(self) -> None:
+        if self._loading is not None:
+            self._loading[1].add_done_callback(_close_loaded)
+            self._loading = None
 
     def _sync_detector(self) -> None:
         """After the updater moved the active link on its own (giving up a switch), serve what it points to."""
@@ -231,6 +255,8 @@ class Agent:
             self.updater.give_up()
             self._sync_detector()
             return
+        if self._loading is not None and state not in _LOADING_STATES:
+            self._drop_loading()  # the update moved on (aborted, rolled back) while a model loaded
         if state in {State.DOWNLOADING, State.VERIFYING}:
             if not self._busy_in_background():
                 self._bg_future = self._bg.submit(self.updater.fetch)
@@ -243,23 +269,28 @@ class Agent:
                               else "no active model to compare against")
             else:
                 try:
-                    self.shadow_detector = self._load(self.updater.record.version)
+                    candidate = self._loaded(rec.version)
                 except Exception as exc:
                     self.updater.transition(Event.ABORT, f"candidate failed its health check: {exc}")
                     self.updater.discard_candidate()
                     return
-                self.shadow = ShadowRunner(self.shadow_detector, self.updater.record.shadow_frames,
-                                           self.settings.shadow_queue)
-                self.updater.transition(Event.START_SHADOW, f"shadowing {self.updater.record.shadow_frames} frames")
+                if candidate is None:
+                    return
+                self.shadow_detector = candidate
+                self.shadow = ShadowRunner(candidate, rec.shadow_frames, self.settings.shadow_queue)
+                self.updater.transition(Event.START_SHADOW, f"shadowing {rec.shadow_frames} frames")
         elif state is State.SHADOWING:
             if self.shadow is None:  # resumed after a restart: the window starts again
                 try:
-                    self.shadow_detector = self._load(self.updater.record.version)
-                    self.shadow = ShadowRunner(self.shadow_detector, self.updater.record.shadow_frames,
-                                               self.settings.shadow_queue)
+                    candidate = self._loaded(self.updater.record.version)
                 except Exception as exc:
                     self.updater.transition(Event.SHADOW_FAILED, f"candidate failed to load: {exc}")
                     self.updater.discard_candidate()
+                    return
+                if candidate is not None:
+                    self.shadow_detector = candidate
+                    self.shadow = ShadowRunner(candidate, self.updater.record.shadow_frames,
+                                               self.settings.shadow_queue)
                 return
             if self.shadow.done.is_set():
                 self._finish_shadow()
@@ -291,12 +322,14 @@ class Agent:
         """PROMOTING → CHECKING, between two frames, no restart; the health window starts."""
         rec = self.updater.record
         try:
-            new = self._load(rec.version)
+            new = self._loaded(rec.version)
         except Exception as exc:
             self.updater.transition(Event.SWITCH_FAILED, f"new model failed its health check: {exc}")
             self.updater.discard_candidate()
             self._sync_detector()
             return
+        if new is None:
+            return  # still loading; the old model serves meanwhile
         old = self.detector
         self.detector, self.active_version = new, rec.version
         self.updater.switch()
@@ -330,13 +363,15 @@ class Agent:
         new = None
         if not (self.active_version == target and self.detector is not None):
             try:
-                new = self._load(target)
+                new = self._loaded(target)
             except Exception as exc:
                 if self.active_version is not None:
                     self.slots.set_active(self.active_version)
                 updater.transition(Event.SWITCH_FAILED, f"rollback target {target} failed its check: {exc}; "
                                                         f"version {self.active_version} stays active")
                 return
+            if new is None:
+                return  # still loading; the current model serves meanwhile
         old = self.detector
         if new is not None:
             self.detector, self.active_version = new, target
@@ -430,7 +465,15 @@ class Agent:
         self.uploader.stop()
         self.mqtt.stop()
         self._bg.shutdown(wait=False, cancel_futures=True)
+        self._drop_loading()
+        self._loader.shutdown(wait=False, cancel_futures=True)
         self.spool.close()
+
+
+def _close_loaded(future: Future) -> None:
+    """A model loaded for a step that no longer needs it."""
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
 
 
 def shadow_gate_failure(report: dict, max_errors: int, accuracy_tolerance: float) -> str:

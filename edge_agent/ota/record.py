@@ -35,6 +35,8 @@ class UpdateRecord(BaseModel):
     baseline: HealthBaseline | None = None
     reason: str = ""
     entries: dict[str, int] = Field(default_factory=dict)
+    # Rollback commands already carried out (newest last, bounded): a replay is refused.
+    seen_rollbacks: list[str] = Field(default_factory=list)
 
 
 def save_record(path: Path, record: UpdateRecord) -> None:

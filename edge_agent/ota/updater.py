@@ -24,6 +24,7 @@ from protocol.messages import DeployCommand, Hardware, RollbackCommand, UpdateEv
 log = structlog.get_logger(__name__)
 
 _CHUNK = 1 << 16
+_SEEN_ROLLBACKS = 64
 
 
 class UpdateError(RuntimeError):
@@ -143,7 +144,7 @@ class Updater:
                 update_id=command.command_id, version=command.version, state=self.record.state,
                 bundle_url=command.bundle_url, bundle_sha256=command.bundle_sha256,
                 bundle_size=command.bundle_size, mode=command.mode, shadow_frames=command.shadow_frames,
-                from_version=self.slots.active(),
+                from_version=self.slots.active(), seen_rollbacks=self.record.seen_rollbacks,
             )
         self.transition(Event.DEPLOY, f"deploy of version {command.version} ({command.mode})")
         return True
@@ -158,6 +159,8 @@ class Updater:
             verify_command(command, self.trust)
         except BundleError as exc:
             raise RollbackRefused(str(exc)) from None
+        if command.command_id in self.record.seen_rollbacks:
+            raise RollbackRefused(f"rollback command {command.command_id} was already carried out (a replay)")
         active = self.slots.active()
         target = command.to_version
         if target is None:
@@ -194,7 +197,8 @@ class Updater:
                 raise RollbackRefused(f"an update is in {state.value}")
             fields = {"update_id": command.command_id, "kind": "rollback", "version": target, "state": state,
                       "mode": "direct", "from_version": self.slots.active(), "rollback_to": target,
-                      "allow_downgrade": True}
+                      "allow_downgrade": True,
+                      "seen_rollbacks": [*self.record.seen_rollbacks, command.command_id][-_SEEN_ROLLBACKS:]}
             if instant:
                 self.record = UpdateRecord(**fields)
                 self.transition(Event.ROLLBACK, f"signed rollback to version {target} ({why})")
@@ -203,7 +207,7 @@ class Updater:
                                        bundle_sha256=command.bundle_sha256 or "",
                                        bundle_size=command.bundle_size or 0)
             self.transition(Event.ROLLBACK_FETCH, f"signed rollback to version {target} ({why}); "
-                                                  "its slot is gone, fetching the bundle")
+                                                  "its slot is gone or damaged, fetching the bundle")
             return self.record.state
 
     def abort(self, reason: str) -> None:

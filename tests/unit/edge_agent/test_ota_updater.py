@@ -404,6 +404,17 @@ def test_rollback_during_the_health_window(make, publish, key) -> None:
     assert u.slots.active() == 1 and u.state is State.ROLLED_BACK
 
 
+def test_replayed_rollback_is_refused_even_after_later_updates(three, key, publish) -> None:
+    command = _rollback(key, to_version=2)
+    three.begin_rollback(command, *three.check_rollback(command))
+    three.switch_back()
+    assert _install(three, publish(4)) is State.ACTIVE  # the server moves on
+    again = Updater(DEVICE, three._dir, three.slots, three.trust, httpx.Client(), three.events.append,
+                    max_bundle_bytes=1 << 20, hardware=CPU, agent_version="0.1.0")  # and the agent restarts
+    with pytest.raises(RollbackRefused, match=f"rollback command {command.command_id} was already carried out"):
+        again.check_rollback(command)
+
+
 def test_redelivered_rollback_changes_nothing(three, key) -> None:
     command = _rollback(key, to_version=2)
     three.begin_rollback(command, 2, True)
