@@ -1,3 +1,4 @@
-from edge_agent.cli import app
+from edge_agent.cli import agent_app
 
-app()
+# The agent group: no sub-command runs the daemon, `enroll` enrolls.
+agent_app()

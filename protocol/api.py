@@ -5,9 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from protocol.messages import Hardware
+from protocol.topics import TopicError, validate_device_id
 
 API_PREFIX = "/api/v1"
+ENROLL_PATH = f"{API_PREFIX}/enroll"
 MAX_SAMPLE_BYTES = 8 * 1024 * 1024
 
 
@@ -32,3 +36,38 @@ class UploadGrant(BaseModel):
 
 def upload_path(device_id: str) -> str:
     return f"{API_PREFIX}/devices/{device_id}/uploads"
+
+
+class EnrollRequest(BaseModel):
+    """A device exchanges a bootstrap token, once, for its own identity (no other auth)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bootstrap_token: str = Field(min_length=8, max_length=256)
+    device_id: str
+    hardware: Hardware | None = None
+    agent_version: str = Field(default="", max_length=32)
+
+    @field_validator("device_id")
+    @classmethod
+    def _check_device_id(cls, value: str) -> str:
+        try:
+            return validate_device_id(value)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class DeviceCredentials(BaseModel):
+    """A device's own identity, shown once: the agent keeps it in its credentials file (0600)."""
+
+    device_id: str
+    api_token: str
+    mqtt_username: str
+    mqtt_password: str
+
+
+class EnrollResponse(DeviceCredentials):
+    """Credentials plus what the bootstrap token assigned the device to."""
+
+    groups: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)

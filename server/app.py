@@ -9,9 +9,7 @@ import structlog
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, select
 
-from server import metrics
 from server.context import ServerContext
 from server.settings import ServerSettings
 
@@ -78,6 +76,8 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
 
 
 def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAPI:
+    from server.api.fleet_routes import router as fleet_router
+    from server.api.openapi import document_api
     from server.api.registry_routes import router as registry_router
     from server.api.routes import router
     from server.dashboard import router as dashboard_router
@@ -98,9 +98,11 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
 
     app = FastAPI(title="edgeloop", version="0.1.0", lifespan=lifespan,
                   description="Continuous delivery of object detectors to factory edge devices.")
+    app.include_router(fleet_router)
     app.include_router(router)
     app.include_router(registry_router)
     app.include_router(dashboard_router)
+    document_api(app)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> PlainTextResponse:
@@ -108,11 +110,10 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
-        from server.db.models import Device
+        from server.fleet import update_fleet_metrics
 
         with app.state.ctx.sessions() as session:
-            metrics.DEVICES_ONLINE.set(
-                session.scalar(select(func.count()).select_from(Device).where(Device.online.is_(True))) or 0)
+            update_fleet_metrics(session)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

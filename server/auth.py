@@ -15,6 +15,10 @@ from server.db.models import ApiToken, utcnow
 
 
 class Role(StrEnum):
+    """viewer reads; operator also labels devices, deploys, approves and rolls back; engineer also
+    retrains and imports data; admin also enrolls/revokes devices and issues bootstrap tokens.
+    A device token acts only as its own device."""
+
     VIEWER = "viewer"
     OPERATOR = "operator"
     ENGINEER = "engineer"
@@ -45,6 +49,11 @@ def hash_token(token: str) -> str:
 
 def new_token() -> str:
     return "elt_" + secrets.token_urlsafe(32)
+
+
+def new_bootstrap_token() -> str:
+    """An enrollment secret; a distinct prefix so a leaked one is recognisable (and never an API token)."""
+    return "elb_" + secrets.token_urlsafe(32)
 
 
 def issue_token(session: Session, role: Role, subject: str) -> str:

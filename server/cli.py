@@ -129,11 +129,97 @@ def deploy(
                   f"{', '.join(result['devices'])}")
 
 
+def _csv(values: list[str] | None) -> list[str]:
+    """``--tags a,b --tags c`` → [a, b, c]."""
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``90s``, ``30m``, ``24h``, ``7d``, ``2w`` or a plain number of seconds → seconds."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text.lower())
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a duration like 30m, 24h or 7d")
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
+@devices_app.command("bootstrap-token")
+def devices_bootstrap_token(
+    group: list[str] = typer.Option(None, "--group", "-g", help="Group enrolled devices join (repeatable, or a,b)."),
+    tags: list[str] = typer.Option(None, "--tags", "-t", help="Tags enrolled devices get (a,b; repeatable)."),
+    uses: int = typer.Option(1, "--uses", min=1, help="How many devices may enroll with it."),
+    expires: str = typer.Option("24h", "--expires", help="Lifetime: 30m, 24h, 7d ..."),
+    note: str = typer.Option("", "--note", help="What it is for (shown in listings)."),
+    api_url: str = API_URL, token: str = TOKEN,
+) -> None:
+    """Create a bootstrap token for `edgeloop agent enroll`; the secret is printed once (admin role)."""
+    body = {"groups": _csv(group), "tags": _csv(tags), "max_uses": uses,
+            "expires_in_seconds": parse_duration(expires), "note": note}
+    created = _call(api_url, token, "POST", "/api/v1/bootstrap-tokens", json=body)
+    # The description on stderr, the secret alone on stdout: TOKEN=$(edgeloop devices bootstrap-token ...)
+    typer.echo(f"bootstrap token {created['id']}: {created['max_uses']} use(s) until {created['expires_at']}, "
+               f"groups {','.join(created['groups']) or '-'}, tags {','.join(created['tags']) or '-'}", err=True)
+    sys.stdout.write(created["token"] + "\n")
+
+
+@devices_app.command("bootstrap-tokens")
+def devices_bootstrap_tokens(active: bool = typer.Option(None, "--active/--inactive", help="Filter by state."),
+                             api_url: str = API_URL, token: str = TOKEN) -> None:
+    """List bootstrap tokens, without their secrets (admin role)."""
+    params = {} if active is None else {"active": str(active).lower()}
+    data = _call(api_url, token, "GET", "/api/v1/bootstrap-tokens", params=params)
+    table = Table("id", "state", "uses", "expires", "groups", "tags", "note", "created by")
+    for t in data["items"]:
+        table.add_row(str(t["id"]), t["state"], f"{t['uses']}/{t['max_uses']}", str(t["expires_at"]),
+                      ",".join(t["groups"]), ",".join(t["tags"]), t["note"], t["created_by"])
+    console.print(table)
+
+
+@devices_app.command("revoke-bootstrap-token")
+def devices_revoke_bootstrap_token(token_id: int, api_url: str = API_URL, token: str = TOKEN) -> None:
+    """No device can enroll with this bootstrap token any more (admin role)."""
+    _call(api_url, token, "DELETE", f"/api/v1/bootstrap-tokens/{token_id}")
+    console.print(f"bootstrap token {token_id} revoked")
+
+
+@devices_app.command("label")
+def devices_label(
+    device_id: str,
+    group: list[str] = typer.Option(None, "--group", "-g", help="Replace the groups (repeatable, or a,b)."),
+    tags: list[str] = typer.Option(None, "--tags", "-t", help="Replace the tags (a,b; repeatable)."),
+    clear_groups: bool = typer.Option(False, help="Remove every group."),
+    clear_tags: bool = typer.Option(False, help="Remove every tag."),
+    api_url: str = API_URL, token: str = TOKEN,
+) -> None:
+    """Set a device's groups and/or tags (operator role)."""
+    body: dict = {}
+    if group or clear_groups:
+        body["groups"] = _csv(group)
+    if tags or clear_tags:
+        body["tags"] = _csv(tags)
+    if not body:
+        console.print("[red]error:[/] nothing to change: pass --group, --tags, --clear-groups or --clear-tags")
+        raise typer.Exit(2)
+    d = _call(api_url, token, "PATCH", f"/api/v1/devices/{device_id}", json=body)
+    console.print(f"{d['id']}: groups {d['groups'] or '-'}, tags {d['tags'] or '-'}", highlight=False)
+
+
 @devices_app.command("add")
 def devices_add(device_id: str, api_url: str = API_URL, token: str = TOKEN,
+                group: list[str] = typer.Option(None, "--group", "-g", help="Groups (repeatable, or a,b)."),
+                tags: list[str] = typer.Option(None, "--tags", "-t", help="Tags (a,b; repeatable)."),
                 out: str = typer.Option(None, help="Write the credentials JSON here (0600).")) -> None:
-    """Enroll a device; prints its credentials once (admin role)."""
-    creds = _call(api_url, token, "POST", "/api/v1/devices", json={"device_id": device_id})
+    """Provision (or re-key) a device directly; prints its credentials once (admin role)."""
+    body: dict = {"device_id": device_id}
+    if group:
+        body["groups"] = _csv(group)
+    if tags:
+        body["tags"] = _csv(tags)
+    creds = _call(api_url, token, "POST", "/api/v1/devices", json=body)
     if out:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -144,17 +230,37 @@ def devices_add(device_id: str, api_url: str = API_URL, token: str = TOKEN,
 
 
 @devices_app.command("list")
-def devices_list(api_url: str = API_URL, token: str = TOKEN) -> None:
-    data = _call(api_url, token, "GET", "/api/v1/devices")
-    table = Table("device", "online", "active", "candidate", "state", "last seen")
+def devices_list(
+    group: list[str] = typer.Option(None, "--group", "-g", help="In any of these groups."),
+    tag: list[str] = typer.Option(None, "--tag", "-t", help="Carrying all of these tags."),
+    online: bool = typer.Option(None, "--online/--offline", help="Only online / only offline devices."),
+    gpu: str = typer.Option(None, "--gpu-cc", help="GPU compute capability, e.g. 8.7."),
+    limit: int = typer.Option(100, min=1, max=1000), offset: int = typer.Option(0, min=0),
+    api_url: str = API_URL, token: str = TOKEN,
+) -> None:
+    """The fleet inventory (viewer role)."""
+    params: dict = {"group": _csv(group), "tag": _csv(tag), "limit": limit, "offset": offset}
+    if online is not None:
+        params["online"] = str(online).lower()
+    if gpu:
+        params["gpu_compute_capability"] = gpu
+    data = _call(api_url, token, "GET", "/api/v1/devices", params=params)
+    table = Table("device", "online", "groups", "tags", "gpu cc", "agent", "active", "candidate", "state",
+                  "last seen")
     for d in data["items"]:
-        table.add_row(d["id"], "yes" if d["online"] else "no", str(d["active_version"] or "–"),
-                      str(d["candidate_version"] or "–"), d["update_state"] or "–", str(d["last_seen"] or "never"))
+        online_text = "revoked" if d.get("revoked") else "yes" if d["online"] else "no"
+        table.add_row(d["id"], online_text, ",".join(d.get("groups", [])), ",".join(d.get("tags", [])),
+                      str((d.get("hardware") or {}).get("gpu_compute_capability") or "–"), d["agent_version"] or "–",
+                      str(d["active_version"] or "–"), str(d["candidate_version"] or "–"), d["update_state"] or "–",
+                      str(d["last_seen"] or "never"))
     console.print(table)
+    if data["total"] > offset + len(data["items"]):
+        console.print(f"{offset + 1}-{offset + len(data['items'])} of {data['total']}: --offset for more")
 
 
 @devices_app.command("revoke")
 def devices_revoke(device_id: str, api_url: str = API_URL, token: str = TOKEN) -> None:
+    """Revoke a device: broker user and API tokens removed (admin role)."""
     _call(api_url, token, "DELETE", f"/api/v1/devices/{device_id}")
     console.print(f"{device_id} revoked")
 

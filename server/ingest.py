@@ -4,6 +4,7 @@ device status and heartbeats, OTA transitions and shadow reports."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy import func, select
@@ -45,6 +46,7 @@ class IngestService:
         self._on_threshold = on_threshold
 
     def handle(self, topic: str, payload: bytes) -> None:
+        received = datetime.now(UTC)
         try:
             message = decode_message(topic, payload)
         except ProtocolError as exc:
@@ -52,6 +54,9 @@ class IngestService:
             log.warning("ingest.bad_message", topic=topic, error=str(exc))
             return
         metrics.MESSAGES_RECEIVED.labels(type=message.type).inc()
+        # A timestamp without offset is taken as UTC; a device clock ahead of ours counts as no lag.
+        sent = message.ts if message.ts.tzinfo else message.ts.replace(tzinfo=UTC)
+        metrics.INGEST_LAG.labels(type=message.type).observe(max(0.0, (received - sent).total_seconds()))
         if isinstance(message, SampleEvent):
             self.ingest_sample(message)
         elif isinstance(message, StatusMessage):

@@ -1,12 +1,36 @@
-"""Prometheus metrics the server exposes at /metrics."""
+"""Prometheus metrics the server exposes at /metrics.
+
+Fleet gauges are set from the database on each scrape (``server.fleet.update_fleet_metrics``);
+counters and histograms are updated where the events happen. The rollout metrics are set by
+the rollout controller through :func:`set_wave_state` / :func:`set_gate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
 
 from prometheus_client import Counter, Gauge, Histogram
 
 MESSAGES_RECEIVED = Counter("edgeloop_mqtt_messages_total", "Device messages received", ["type"])
 MESSAGES_REJECTED = Counter("edgeloop_mqtt_messages_rejected_total", "Device messages refused", ["reason"])
-SAMPLES = Counter("edgeloop_samples_ingested_total", "Samples ingested by outcome", ["status"])
+# Receive time minus the message's own ``ts``: network + broker + outbox delay (an agent that was
+# offline replays its outbox, hence the long tail). Clock skew below zero is counted as 0.
+INGEST_LAG = Histogram(
+    "edgeloop_mqtt_ingest_lag_seconds", "Delay from a device message's timestamp to its ingest, by type",
+    ["type"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 6 * 3600, 24 * 3600),
+)
+SAMPLES = Counter("edgeloop_samples_ingested_total", "Samples ingested by outcome (validated, unlabeled, "
+                                                     "rejected)", ["status"])
 PENDING_SAMPLES = Gauge("edgeloop_samples_pending", "Validated labeled samples toward the retrain threshold")
-DEVICES_ONLINE = Gauge("edgeloop_devices_online", "Devices whose retained status is online")
+
+DEVICES_ONLINE = Gauge("edgeloop_devices_online", "Enrolled devices online, per group (\"\" = in no group; "
+                                                  "a device in several groups counts in each)", ["group"])
+DEVICES = Gauge("edgeloop_devices", "Enrolled devices by state (online, offline, revoked)", ["state"])
+ENROLLMENTS = Counter("edgeloop_enrollments_total", "Bootstrap-token enrollments by outcome (enrolled, "
+                                                    "unknown_token, refused_token, conflict, rate_limited, error)",
+                      ["outcome"])
+
 JOB_SECONDS = Histogram(
     "edgeloop_training_job_seconds", "Retrain job duration by outcome", ["outcome"],
     buckets=(30, 60, 120, 300, 600, 1200, 3600, 7200, 21600),
@@ -14,3 +38,65 @@ JOB_SECONDS = Histogram(
 STAGE_SECONDS = Gauge("edgeloop_training_stage_seconds", "Duration of the last job's stages", ["stage"])
 DEPLOY_COMMANDS = Counter("edgeloop_deploy_commands_total", "Deploy commands sent", ["mode"])
 ALERTS = Counter("edgeloop_alerts_total", "Alerts raised", ["kind"])
+
+# Rollouts: one series per (rollout, wave, state) set to 1 for the wave's current state and 0 for
+# the states it was in before, so `edgeloop_rollout_wave_state == 1` lists every wave's state.
+ROLLOUT_WAVE_STATE = Gauge("edgeloop_rollout_wave_state", "1 for a rollout wave's current state, else 0",
+                           ["rollout", "wave", "state"])
+ROLLOUT_GATE_VALUE = Gauge("edgeloop_rollout_gate_value", "Current value of a rollout wave's gate "
+                                                          "(e.g. agreement, accuracy_delta, latency_ms_p99)",
+                           ["rollout", "wave", "gate"])
+ROLLOUT_GATE_THRESHOLD = Gauge("edgeloop_rollout_gate_threshold", "Threshold the gate's value is held to",
+                               ["rollout", "wave", "gate"])
+ROLLOUT_GATE_PASSING = Gauge("edgeloop_rollout_gate_passing", "1 while the gate passes, 0 while it fails",
+                             ["rollout", "wave", "gate"])
+
+_lock = threading.Lock()
+_wave_states: dict[tuple[str, str], set[str]] = {}
+_gates: set[tuple[str, str, str]] = set()
+
+
+def set_fleet(by_state: dict[str, int], online_by_group: dict[str, int]) -> None:
+    """Replace the fleet gauges (groups that disappeared are dropped, not left at their last value)."""
+    with _lock:
+        for state, count in by_state.items():
+            DEVICES.labels(state=state).set(count)
+        DEVICES_ONLINE.clear()
+        for group, count in online_by_group.items():
+            DEVICES_ONLINE.labels(group=group).set(count)
+
+
+def set_wave_state(rollout: str | int, wave: str | int, state: str) -> None:
+    """Mark ``state`` as the wave's current state (1) and every state it had before as 0."""
+    key = (str(rollout), str(wave))
+    with _lock:
+        seen = _wave_states.setdefault(key, set())
+        seen.add(state)
+        for s in seen:
+            ROLLOUT_WAVE_STATE.labels(rollout=key[0], wave=key[1], state=s).set(1 if s == state else 0)
+
+
+def set_gate(rollout: str | int, wave: str | int, gate: str, value: float, threshold: float | None = None,
+             passing: bool | None = None) -> None:
+    labels = {"rollout": str(rollout), "wave": str(wave), "gate": gate}
+    with _lock:
+        _gates.add((labels["rollout"], labels["wave"], gate))
+    ROLLOUT_GATE_VALUE.labels(**labels).set(value)
+    if threshold is not None:
+        ROLLOUT_GATE_THRESHOLD.labels(**labels).set(threshold)
+    if passing is not None:
+        ROLLOUT_GATE_PASSING.labels(**labels).set(1 if passing else 0)
+
+
+def forget_rollout(rollout: str | int) -> None:
+    """Drop a finished rollout's series so that /metrics does not grow with every rollout ever run."""
+    rollout = str(rollout)
+    with _lock:
+        for key in [k for k in _wave_states if k[0] == rollout]:
+            for state in _wave_states.pop(key):
+                ROLLOUT_WAVE_STATE.remove(key[0], key[1], state)
+        for key in [k for k in _gates if k[0] == rollout]:
+            _gates.discard(key)
+            for gauge in (ROLLOUT_GATE_VALUE, ROLLOUT_GATE_THRESHOLD, ROLLOUT_GATE_PASSING):
+                with contextlib.suppress(KeyError):  # threshold/passing may never have been set
+                    gauge.remove(*key)

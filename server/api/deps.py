@@ -1,30 +1,39 @@
-"""FastAPI dependencies: the server context, the caller's identity, role checks."""
+"""FastAPI dependencies: the server context, the caller's identity, role checks.
+
+The token is read through FastAPI's security classes (bearer header, or the dashboard's session
+cookie) so that the OpenAPI document declares both schemes and marks every protected operation.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from server.auth import Principal, Role, authenticate
 from server.context import ServerContext
 
 SESSION_COOKIE = "edgeloop_token"
 
+bearer_scheme = HTTPBearer(
+    scheme_name="bearer", auto_error=False,
+    description="An API token (`elt_...`): a person's (viewer, operator, engineer, admin) or a device's.")
+cookie_scheme = APIKeyCookie(
+    name=SESSION_COOKIE, scheme_name="session_cookie", auto_error=False,
+    description="The dashboard's session cookie, holding the same API token after /login.")
+
 
 def get_context(request: Request) -> ServerContext:
     return request.app.state.ctx
 
 
-def _token_from(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return request.cookies.get(SESSION_COOKIE)
-
-
-def get_principal(request: Request, ctx: ServerContext = Depends(get_context)) -> Principal:
-    token = _token_from(request)
+def get_principal(
+    ctx: ServerContext = Depends(get_context),
+    bearer: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+    cookie: str | None = Depends(cookie_scheme),
+) -> Principal:
+    token = bearer.credentials.strip() if bearer is not None else cookie
     if not token:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token",
                             headers={"WWW-Authenticate": "Bearer"})
@@ -40,7 +49,8 @@ def get_principal(request: Request, ctx: ServerContext = Depends(get_context)) -
 def require(role: Role) -> Callable[[Principal], Principal]:
     def check(principal: Principal = Depends(get_principal)) -> Principal:
         if not principal.at_least(role):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"this action needs the {role.value} role")
+            hint = "; a device token acts only as its own device" if principal.role is Role.DEVICE else ""
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"this action needs the {role.value} role{hint}")
         return principal
 
     return check

@@ -3,37 +3,27 @@
 from __future__ import annotations
 
 import json
-import secrets
 import tempfile
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from sqlalchemy import func, select
 
-from protocol.api import API_PREFIX, UploadGrant, UploadRequest
+from protocol.api import API_PREFIX
 from server import audit, registry
-from server.api.deps import client_address, get_context, get_principal, require
-from server.api.schemas import DeployRequest, DeviceCreate, DeviceCredentials, RetrainRequest
-from server.auth import Principal, Role, issue_token, revoke_tokens
+from server.api.deps import client_address, get_context, require
+from server.api.schemas import DeployRequest, RetrainRequest
+from server.auth import Principal, Role
 from server.context import ServerContext
 from server.db.models import AlertRecord, Deployment, Device, ModelVersion, Sample, TrainingJob
 from server.deploy import DeployError, deploy_version
+from server.fleet import device_dict
 from server.ingest import pending_labeled_samples
 from server.pipeline.data_gate import quarantined_devices
 
 router = APIRouter(prefix=API_PREFIX)
 
 MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
-
-
-def _device_dict(d: Device) -> dict:
-    return {
-        "id": d.id, "online": d.online, "last_seen": d.last_seen, "agent_version": d.agent_version,
-        "active_version": d.active_version, "candidate_version": d.candidate_version,
-        "update_state": d.update_state, "hardware": d.hardware, "heartbeat": d.last_heartbeat,
-        "revoked": d.revoked,
-    }
 
 
 def _model_dict(m: ModelVersion, aliases: dict[int, list[str]]) -> dict:
@@ -56,73 +46,7 @@ def _job_dict(j: TrainingJob) -> dict:
     }
 
 
-# ---------------------------------------------------------------------- devices
-
-
-@router.post("/devices", response_model=DeviceCredentials, status_code=201)
-def provision_device(
-    body: DeviceCreate, request: Request, ctx: ServerContext = Depends(get_context),
-    who: Principal = Depends(require(Role.ADMIN)),
-) -> DeviceCredentials:
-    """Create (or re-key) a device: an API token and broker credentials, shown once."""
-    if ctx.accounts is None:
-        raise HTTPException(status.HTTP_409_CONFLICT, "broker account management is not configured "
-                            "(set EDGELOOP_MQTT_PASSWORD_FILE)")
-    password = secrets.token_urlsafe(24)
-    ctx.accounts.add_user(body.device_id, password)
-    with ctx.sessions() as session:
-        device = session.get(Device, body.device_id)
-        if device is None:
-            session.add(Device(id=body.device_id))
-        else:
-            device.revoked = False
-            revoke_tokens(session, body.device_id, Role.DEVICE)
-        token = issue_token(session, Role.DEVICE, body.device_id)
-        audit.record(session, who.subject, "device.provision", body.device_id, client_address(request))
-        session.commit()
-    return DeviceCredentials(device_id=body.device_id, api_token=token,
-                             mqtt_username=body.device_id, mqtt_password=password)
-
-
-@router.delete("/devices/{device_id}", status_code=204)
-def revoke_device(device_id: str, request: Request, ctx: ServerContext = Depends(get_context),
-                  who: Principal = Depends(require(Role.ADMIN))) -> None:
-    with ctx.sessions() as session:
-        device = session.get(Device, device_id)
-        if device is None:
-            raise HTTPException(404, f"unknown device {device_id!r}")
-        device.revoked = True
-        revoke_tokens(session, device_id, Role.DEVICE)
-        audit.record(session, who.subject, "device.revoke", device_id, client_address(request))
-        session.commit()
-    if ctx.accounts is not None:
-        ctx.accounts.remove_user(device_id)
-
-
-@router.get("/devices")
-def list_devices(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
-                 limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
-    with ctx.sessions() as session:
-        total = session.scalar(select(func.count()).select_from(Device))
-        rows = session.scalars(select(Device).order_by(Device.id).limit(limit).offset(offset)).all()
-        return {"total": total, "items": [_device_dict(d) for d in rows]}
-
-
-@router.post("/devices/{device_id}/uploads", response_model=UploadGrant)
-def grant_upload(device_id: str, body: UploadRequest, ctx: ServerContext = Depends(get_context),
-                 who: Principal = Depends(get_principal)) -> UploadGrant:
-    """A presigned PUT for one collected frame, under the device's own prefix."""
-    if not who.is_device(device_id):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "only the device itself may request its uploads")
-    if body.size_bytes > ctx.settings.max_sample_bytes:
-        raise HTTPException(413, f"sample of {body.size_bytes} bytes is over the "
-                                 f"{ctx.settings.max_sample_bytes}-byte limit")
-    ext = "png" if body.content_type == "image/png" else "jpg"
-    key = f"images/{device_id}/{body.sha256[:2]}/{body.sha256}.{ext}"
-    expires = timedelta(minutes=15)
-    url = ctx.store.presigned_put(key, expires)
-    return UploadGrant(object_key=key, url=url, expires_at=datetime.now(UTC) + expires,
-                       headers={"Content-Type": body.content_type})
+# Device endpoints (enrollment, inventory, revocation, upload grants): server/api/fleet_routes.py
 
 
 # ---------------------------------------------------------------------- models
@@ -288,7 +212,7 @@ def overview(ctx: ServerContext) -> dict:
         counts = dict(session.execute(select(Sample.status, func.count()).group_by(Sample.status)).all())
         prod = registry.production(session)
         return {
-            "devices": [_device_dict(d) for d in devices],
+            "devices": [device_dict(d) for d in devices],
             "samples": {"pending": pending_labeled_samples(session), "threshold": ctx.settings.retrain_threshold,
                         "by_status": counts},
             "production_version": prod.version if prod else None,

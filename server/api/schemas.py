@@ -2,21 +2,108 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from protocol.api import DeviceCredentials as DeviceCredentials  # re-exported: the API's name for it
+
+T = TypeVar("T")
+
+LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+MAX_LABELS = 32
+
+
+def _sorted_unique(values: list[str]) -> list[str]:
+    return sorted(set(values))
+
+
+Label = Annotated[str, Field(pattern=LABEL_PATTERN, description="1-64 of A-Z a-z 0-9 _ . : -")]
+Labels = Annotated[list[Label], Field(max_length=MAX_LABELS), AfterValidator(_sorted_unique)]
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx the API raises itself: one human-readable reason."""
+
+    detail: str = Field(description="why the request was refused")
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list endpoint: ``items[offset:offset+limit]`` of ``total`` matches."""
+
+    total: int
+    limit: int
+    offset: int
+    items: list[T]
 
 
 class DeviceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     device_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    # None: a new device gets none, a re-keyed one keeps its own.
+    groups: Labels | None = None
+    tags: Labels | None = None
 
 
-class DeviceCredentials(BaseModel):
-    device_id: str
-    api_token: str
-    mqtt_username: str
-    mqtt_password: str
+class DeviceUpdate(BaseModel):
+    """Operator edit of a device's inventory labels; a field left out is left as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+    groups: Labels | None = None
+    tags: Labels | None = None
+
+
+class DeviceInfo(BaseModel):
+    """A device's inventory record: identity, labels, hardware, versions and live state."""
+
+    id: str
+    online: bool = Field(description="from the retained status (birth online, last will offline) and heartbeats")
+    last_seen: datetime | None
+    agent_version: str
+    active_version: int | None
+    candidate_version: int | None
+    update_state: str
+    hardware: dict[str, Any] = Field(description="cpu, cpu_count, gpu, gpu_compute_capability, tensorrt_version, "
+                                                 "onnxruntime_providers (as the device reports them)")
+    heartbeat: dict[str, Any] = Field(description="the last heartbeat: fps, latency, spool depth, disk ...")
+    groups: list[str]
+    tags: list[str]
+    revoked: bool
+    revoked_at: datetime | None
+    enrolled_by: str
+    enrolled_at: datetime | None
+    created_at: datetime | None
+
+
+class BootstrapTokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    groups: Labels = Field(default_factory=list, description="groups every device enrolled with it joins")
+    tags: Labels = Field(default_factory=list, description="tags every device enrolled with it gets")
+    max_uses: int = Field(1, ge=1, le=100_000, description="how many devices may enroll with it")
+    expires_in_seconds: int = Field(24 * 3600, ge=60, le=366 * 24 * 3600)
+    note: str = Field("", max_length=256)
+
+
+class BootstrapTokenInfo(BaseModel):
+    """A bootstrap token as listed: never its secret."""
+
+    id: int
+    created_by: str
+    created_at: datetime
+    expires_at: datetime
+    max_uses: int
+    uses: int
+    groups: list[str]
+    tags: list[str]
+    note: str
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+    state: Literal["active", "expired", "exhausted", "revoked"]
+
+
+class BootstrapTokenCreated(BootstrapTokenInfo):
+    token: str = Field(description="the secret, shown only in this response")
 
 
 class RetrainRequest(BaseModel):

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 
@@ -50,6 +50,51 @@ class Device(Base):
     hardware: Mapped[dict[str, Any]] = mapped_column(default=dict)
     last_heartbeat: Mapped[dict[str, Any]] = mapped_column(default=dict)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Who enrolled it: "bootstrap:<token id>" or the admin who provisioned it.
+    enrolled_by: Mapped[str] = mapped_column(String(128), default="")
+    enrolled_at: Mapped[datetime | None] = mapped_column(default=None)
+    labels: Mapped[list[DeviceLabel]] = relationship(
+        lazy="selectin", cascade="all, delete-orphan", order_by="(DeviceLabel.kind, DeviceLabel.value)")
+
+    @property
+    def groups(self) -> list[str]:
+        return [label.value for label in self.labels if label.kind == "group"]
+
+    @property
+    def tags(self) -> list[str]:
+        return [label.value for label in self.labels if label.kind == "tag"]
+
+
+class DeviceLabel(Base):
+    """A device's group or tag: rows (not a JSON list) so that selectors filter in SQL on every backend."""
+
+    __tablename__ = "device_labels"
+    __table_args__ = (Index("ix_device_labels_kind_value", "kind", "value"),)
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # group | tag
+    value: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+class BootstrapToken(Base):
+    """A shared enrollment secret (only its sha256 is stored): limited uses, an expiry, and the
+    groups/tags every device enrolled with it gets."""
+
+    __tablename__ = "bootstrap_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    max_uses: Mapped[int] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    groups: Mapped[list[Any]] = mapped_column(default=list)
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    note: Mapped[str] = mapped_column(String(256), default="")
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ApiToken(Base):
