@@ -108,6 +108,7 @@ class OpenVinoDetector(Detector):
                 "inference_precision": _property(self._compiled, "INFERENCE_PRECISION_HINT"),
                 "threads": _property(self._compiled, "INFERENCE_NUM_THREADS"),
                 "streams": _property(self._compiled, "NUM_STREAMS"),
+                "cpu_pinning": _property(self._compiled, "ENABLE_CPU_PINNING"),
                 "openvino": ov.get_version(),
             }
             self._request = self._compiled.create_infer_request()
