@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from protocol.api import API_PREFIX
 from server import audit, registry
 from server.api.deps import client_address, get_context, require
-from server.api.schemas import RegistryActionRequest
+from server.api.schemas import ErrorResponse, RegistryActionRequest
 from server.auth import Principal, Role
 from server.context import ServerContext
 from server.db.models import AlertRecord, AuditEntry, ModelVersion, Quarantine, Sample, Snapshot
@@ -22,8 +22,15 @@ from server.sample_validation import ImageLimits
 
 router = APIRouter(prefix=API_PREFIX)
 
+_REASONS = {404: "no such object", 409: "the action conflicts with the current state (reason in detail)",
+            413: "too many files or too large", 422: "malformed input (reason in detail)"}
 
-@router.post("/models/{version}/approve")
+
+def _errors(*codes: int) -> dict:
+    return {code: {"model": ErrorResponse, "description": _REASONS[code]} for code in codes}
+
+
+@router.post("/models/{version}/approve", responses=_errors(404, 409))
 def approve_model(version: int, request: Request, body: RegistryActionRequest | None = None,
                   ctx: ServerContext = Depends(get_context),
                   who: Principal = Depends(require(Role.OPERATOR))) -> dict:
@@ -42,7 +49,7 @@ def approve_model(version: int, request: Request, body: RegistryActionRequest | 
     return {"version": version, "status": "production"}
 
 
-@router.post("/models/rollback")
+@router.post("/models/rollback", responses=_errors(409))
 def rollback_model(request: Request, body: RegistryActionRequest | None = None,
                    ctx: ServerContext = Depends(get_context),
                    who: Principal = Depends(require(Role.OPERATOR))) -> dict:
@@ -58,7 +65,7 @@ def rollback_model(request: Request, body: RegistryActionRequest | None = None,
     return {"from_version": from_version, "to_version": to_version}
 
 
-@router.get("/models/{version}/lineage")
+@router.get("/models/{version}/lineage", responses=_errors(404))
 def model_lineage(version: int, ctx: ServerContext = Depends(get_context),
                   _: Principal = Depends(require(Role.VIEWER))) -> dict:
     """Model → job → snapshot chain → images and the devices that sent them."""
@@ -80,7 +87,7 @@ def model_lineage(version: int, ctx: ServerContext = Depends(get_context),
                 "hyperparameters": mv.hyperparameters, "artifacts": mv.artifacts, "snapshots": chain}
 
 
-@router.get("/snapshots/{snapshot_id}")
+@router.get("/snapshots/{snapshot_id}", responses=_errors(404, 409))
 def get_snapshot(snapshot_id: str, ctx: ServerContext = Depends(get_context),
                  _: Principal = Depends(require(Role.VIEWER)),
                  limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
@@ -93,8 +100,8 @@ def get_snapshot(snapshot_id: str, ctx: ServerContext = Depends(get_context),
     except SnapshotError as exc:
         raise HTTPException(409, str(exc)) from None
     samples = manifest["samples"]
-    return {"id": snapshot_id, "parent": manifest["parent"], "total": len(samples),
-            "items": samples[offset:offset + limit]}
+    return {"id": snapshot_id, "parent": manifest["parent"], "total": len(samples), "limit": limit,
+            "offset": offset, "items": samples[offset:offset + limit]}
 
 
 @router.get("/alerts")
@@ -107,26 +114,29 @@ def list_alerts(ctx: ServerContext = Depends(get_context), _: Principal = Depend
         if kind:
             query, count = query.where(AlertRecord.kind == kind), count.where(AlertRecord.kind == kind)
         rows = session.scalars(query.order_by(AlertRecord.id.desc()).limit(limit).offset(offset)).all()
-        return {"total": session.scalar(count), "items": [
+        return {"total": session.scalar(count), "limit": limit, "offset": offset, "items": [
             {"id": a.id, "at": a.at, "kind": a.kind, "severity": a.severity, "subject": a.subject,
              "message": a.message, "details": a.details, "webhook_status": a.webhook_status} for a in rows]}
 
 
 @router.get("/quarantines")
-def list_quarantines(ctx: ServerContext = Depends(get_context),
-                     _: Principal = Depends(require(Role.VIEWER))) -> dict:
+def list_quarantines(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
+                     limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+    """Devices whose labels are held back, their held sample counts, and the decisions (paginated)."""
     with ctx.sessions() as session:
         active = quarantined_devices(session)
-        rows = session.scalars(select(Quarantine).order_by(Quarantine.id.desc()).limit(500)).all()
+        total = session.scalar(select(func.count()).select_from(Quarantine))
+        rows = session.scalars(select(Quarantine).order_by(Quarantine.id.desc()).limit(limit).offset(offset)).all()
         held = dict(session.execute(select(Sample.device_id, func.count()).where(Sample.status == "held")
                                     .group_by(Sample.device_id)).all())
-        return {"quarantined": sorted(active), "held_samples": held, "decisions": [
+        return {"quarantined": sorted(active), "held_samples": held, "total": total, "limit": limit,
+                "offset": offset, "items": [
             {"id": q.id, "device_id": q.device_id, "status": q.status, "decided_at": q.decided_at,
              "decided_by": q.decided_by, "job_id": q.job_id, "reasons": q.reasons, "evidence": q.evidence,
              "thresholds": q.thresholds} for q in rows]}
 
 
-@router.post("/devices/{device_id}/quarantine/release")
+@router.post("/devices/{device_id}/quarantine/release", responses=_errors(409))
 def release_device(device_id: str, request: Request, body: RegistryActionRequest | None = None,
                    ctx: ServerContext = Depends(get_context),
                    who: Principal = Depends(require(Role.ENGINEER))) -> dict:
@@ -141,7 +151,7 @@ def release_device(device_id: str, request: Request, body: RegistryActionRequest
     return {"device_id": device_id, "released_samples": released}
 
 
-@router.post("/imports")
+@router.post("/imports", responses=_errors(413, 422))
 async def import_labeled_images(
     request: Request,
     source: str = Form(..., description="name of the imported dataset, e.g. cvat-line3-2026-11"),
@@ -190,6 +200,6 @@ def list_audit(ctx: ServerContext = Depends(get_context), _: Principal = Depends
         if actor:
             query, count = query.where(AuditEntry.actor == actor), count.where(AuditEntry.actor == actor)
         rows = session.scalars(query.order_by(AuditEntry.id.desc()).limit(limit).offset(offset)).all()
-        return {"total": session.scalar(count), "items": [
+        return {"total": session.scalar(count), "limit": limit, "offset": offset, "items": [
             {"id": e.id, "at": e.at, "actor": e.actor, "action": e.action, "target": e.target,
              "source": e.source, "detail": e.detail} for e in rows]}
