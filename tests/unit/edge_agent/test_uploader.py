@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -50,6 +52,7 @@ class FakeStore:
 class FakeBroker:
     def __init__(self, store: FakeStore) -> None:
         self.up = True
+        self.connected = True
         self.events = []
         self._store = store
 
@@ -145,7 +148,7 @@ def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets_on_success(rig) ->
     spool, store, broker, _ = rig
     up = Uploader(spool, httpx.Client(base_url="http://server.test", transport=httpx.MockTransport(store.handler)),
                   DEV, broker, max_backoff=8.0, rng=random.Random(0))
-    up._stop.wait = lambda seconds: False  # no sleeping here: only the chosen delays matter
+    up._pause = lambda delay, wake_on_connect: None  # no sleeping here: only the chosen delays matter
     _put(spool, 1)
     store.server_up = False
     delays = []
@@ -210,3 +213,61 @@ def test_a_sample_over_the_protocol_size_limit_is_dropped(rig) -> None:
     up.step()
     assert spool.depth() == 0 and spool.counters()["dropped.random"] == 1
     assert store.puts == 0 and broker.events == []
+
+
+def test_the_pause_ends_early_when_the_broker_reconnects(rig) -> None:
+    spool, store, broker, _ = rig
+    up = Uploader(spool, httpx.Client(base_url="http://server.test", transport=httpx.MockTransport(store.handler)),
+                  DEV, broker, max_backoff=3600.0, rng=random.Random(0))
+    up._failures = 10  # deep into an outage: the next pause would be 5-10 minutes
+    waits = []
+
+    def wait(seconds: float) -> bool:
+        waits.append(seconds)
+        broker.up = broker.connected = True  # paho reconnected during the first slice
+        return False
+
+    up._stop.wait = wait
+    sid = _put(spool, 1)
+    broker.up = broker.connected = False
+    up.step()
+    assert waits == [0.5]  # one slice, not the whole backoff
+    up.step()
+    assert [e.sample_id for e in broker.events] == [sid]
+
+
+def test_an_object_store_outage_waits_out_the_whole_pause(rig) -> None:
+    spool, store, broker, _ = rig
+    up = Uploader(spool, httpx.Client(base_url="http://server.test", transport=httpx.MockTransport(store.handler)),
+                  DEV, broker, max_backoff=0.4, rng=random.Random(0))
+    up._failures = 3
+    waited = []
+    up._stop.wait = lambda seconds: waited.append(seconds) or time.sleep(seconds) or False
+    _put(spool, 1)
+    store.store_up = False
+    up.step()  # the broker is connected: only the clock ends this pause
+    assert sum(waited) >= 0.2 and len(waited) >= 1 and broker.events == []
+
+
+def test_an_unexpected_error_does_not_end_the_uploader_thread(rig, monkeypatch) -> None:
+    spool, store, broker, up = rig
+    calls = []
+    real = spool.next_due
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("disk I/O error")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(spool, "next_due", flaky)
+    monkeypatch.setattr(up._stop, "wait", lambda seconds: False)
+    sid = _put(spool, 1)
+    thread = threading.Thread(target=up._loop)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while spool.depth() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    up._stop.set()
+    thread.join(5)
+    assert [e.sample_id for e in broker.events] == [sid]
