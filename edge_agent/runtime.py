@@ -3,8 +3,6 @@ heartbeats and OTA steps interleaved between frames so the line is never kept wa
 
 from __future__ import annotations
 
-import os
-import platform
 import shutil
 import threading
 import time
@@ -15,9 +13,11 @@ import structlog
 
 from edge_agent import AGENT_VERSION
 from edge_agent.collector import SampleCollector, truths_of
+from edge_agent.hardware import detect_hardware
 from edge_agent.inference import create_detector
 from edge_agent.mqtt_client import AgentMqtt
 from edge_agent.ota import crashpoint
+from edge_agent.ota.compat import DeviceProfile
 from edge_agent.ota.health import BaselineWindow, FrameOutcome, HealthMonitor, Verdict
 from edge_agent.ota.slots import ModelSlots
 from edge_agent.ota.states import ABORTABLE, GIVE_UP, Event, State
@@ -32,7 +32,6 @@ from firmware_bundles import TrustStore
 from protocol.messages import (
     AbortCommand,
     DeployCommand,
-    Hardware,
     Heartbeat,
     PromoteCommand,
     RollbackCommand,
@@ -47,17 +46,6 @@ log = structlog.get_logger(__name__)
 _SWITCHING = frozenset({State.PROMOTING, State.ROLLING_BACK})
 # States whose step loads a model in the background.
 _LOADING_STATES = frozenset({State.STAGED, State.SHADOWING, State.PROMOTING, State.ROLLING_BACK})
-
-
-def detect_hardware() -> Hardware:
-    try:
-        import onnxruntime
-
-        providers = onnxruntime.get_available_providers()
-    except ImportError:
-        providers = []
-    return Hardware(cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count() or 0,
-                    onnxruntime_providers=providers)
 
 
 class Agent:
@@ -84,8 +72,11 @@ class Agent:
         self.slots = ModelSlots(data / "models")
         self.updater = Updater(self.device_id, data, self.slots, TrustStore.from_path(settings.trusted_keys),
                                httpx.Client(timeout=60), self.mqtt.publish, settings.max_bundle_bytes,
-                               settings.keep_versions, hardware=self.hardware, agent_version=AGENT_VERSION,
-                               crash=crashpoint.from_environ())
+                               settings.keep_versions, crash=crashpoint.from_environ(),
+                               device=DeviceProfile(self.hardware, AGENT_VERSION,
+                                                    detector_type=settings.detector.get("type"),
+                                                    engine_precision=settings.engine_precision,
+                                                    engine_build=settings.engine_build))
         # The live model's recent frames (the baseline a new model is judged against) and, after a
         # switch, the new model's health window.
         self.baseline = BaselineWindow()

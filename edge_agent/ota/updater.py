@@ -12,14 +12,14 @@ from pathlib import Path
 import httpx
 import structlog
 
-from edge_agent.ota.compat import check_compatible
+from edge_agent.ota.compat import DeviceProfile
 from edge_agent.ota.crashpoint import CrashHook, no_crash
 from edge_agent.ota.record import UpdateRecord, load_record, save_record
 from edge_agent.ota.slots import ModelSlots
 from edge_agent.ota.states import ABORTABLE, MAX_ENTRIES_PER_STATE, RESTING, Event, State, next_state
 from firmware_bundles import BundleError, TrustStore, sha256_file, unpack_bundle
 from firmware_bundles.commands import verify_command
-from protocol.messages import DeployCommand, Hardware, RollbackCommand, UpdateEvent
+from protocol.messages import DeployCommand, RollbackCommand, UpdateEvent
 
 log = structlog.get_logger(__name__)
 
@@ -51,8 +51,7 @@ class Updater:
         max_bundle_bytes: int,
         keep_versions: int = 3,
         *,
-        hardware: Hardware,
-        agent_version: str,
+        device: DeviceProfile,
         crash: CrashHook = no_crash,
     ) -> None:
         self._device_id = device_id
@@ -66,9 +65,9 @@ class Updater:
         self._publish = publish
         self._max_bytes = max_bundle_bytes
         self._keep = keep_versions
-        self._hardware = hardware
-        self._agent_version = agent_version
+        self._device = device
         self._crash = crash
+        self.runs_as = ""
         self._lock = threading.RLock()
         self.record: UpdateRecord = load_record(self._record_path)
         if self.record.state not in RESTING:
@@ -290,7 +289,7 @@ class Updater:
         try:
             if manifest.version != rec.version:
                 raise BundleError(f"bundle holds version {manifest.version}, the command said {rec.version}")
-            check_compatible(manifest, self._hardware, self._agent_version)
+            self.runs_as = self._device.check(manifest)
         except BundleError:
             self.slots.delete(rec.version)
             raise
@@ -327,7 +326,7 @@ class Updater:
                     self.slots.delete(rec.version)
                 return
             self.slots.set_candidate(rec.version)
-            self.transition(Event.VERIFIED, "signature, file hashes and hardware verified")
+            self.transition(Event.VERIFIED, f"signature, file hashes and hardware verified; runs as {self.runs_as}")
             self._part_path().unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ switch, verdict, rollback

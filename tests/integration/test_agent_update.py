@@ -22,6 +22,7 @@ import httpx
 import pytest
 from sqlalchemy.orm import sessionmaker
 
+from edge_agent.ota.compat import DeviceProfile
 from edge_agent.ota.slots import ModelSlots
 from edge_agent.ota.states import Event, State
 from edge_agent.ota.updater import Updater
@@ -80,7 +81,7 @@ def updater(signer, tmp_path):
     slots = ModelSlots(tmp_path / "agent" / "models")
     trust = TrustStore([signer.public_key()])
     u = Updater("cam-ota", tmp_path / "agent", slots, trust, httpx.Client(timeout=30), events.append,
-                max_bundle_bytes=10 * 1024 * 1024, hardware=CPU, agent_version="0.1.0")
+                max_bundle_bytes=10 * 1024 * 1024, device=DeviceProfile(CPU, "0.1.0"))
     u.events = events
     return u
 
@@ -141,7 +142,7 @@ def test_an_update_that_keeps_crashing_the_agent_is_given_up(updater, publish_bu
     for _ in range(4):
         restarted = Updater("cam-ota", tmp_path / "agent", updater.slots, TrustStore([signer.public_key()]),
                             httpx.Client(timeout=30), lambda event: None, max_bundle_bytes=10 * 1024 * 1024,
-                            hardware=CPU, agent_version="0.1.0")
+                            device=DeviceProfile(CPU, "0.1.0"))
     assert restarted.state is State.DOWNLOADING
     assert restarted.resume_count_exceeded()
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from edge_agent.ota.compat import IncompatibleBundle, check_compatible, runnable_runtimes
+from edge_agent.ota.compat import DeviceProfile, IncompatibleBundle, check_compatible, runnable_runtimes
 from firmware_bundles import BundleError, BundleManifest
 from protocol.messages import Hardware
 
@@ -82,3 +82,48 @@ def test_min_agent_version(needs: str, agent: str, ok: bool) -> None:
     else:
         with pytest.raises(IncompatibleBundle, match=f"needs agent {needs} or newer, this agent is {agent}"):
             check_compatible(manifest, CPU_ONLY, agent)
+
+
+# ---------------------------------------------------------------- with the agent's detector backend known
+
+
+def test_tensorrt_agent_refuses_engines_for_another_gpu_without_onnx() -> None:
+    profile = DeviceProfile(ORIN, "0.1.0", detector_type="tensorrt")
+    with pytest.raises(IncompatibleBundle) as info:
+        profile.check(_manifest(onnx=False, engines=(("8.6", "10.3"),)))
+    assert str(info.value) == (
+        "wrong hardware: no engine in the bundle for sm 8.7, TensorRT 10.3.0.26 (it has: sm 8.6 / TensorRT 10.3 "
+        "(fp16)), and no ONNX model to build one from; this device has GPU compute capability 8.7, "
+        "TensorRT 10.3.0.26, ONNX Runtime")
+
+
+def test_tensorrt_agent_takes_the_matching_engine_or_builds_from_onnx() -> None:
+    profile = DeviceProfile(ORIN, "0.1.0", detector_type="tensorrt")
+    assert profile.check(_manifest(engines=(("8.7", "10.3"),))) == "load tensorrt model-sm87.engine (fp16)"
+    assert profile.check(_manifest(engines=(("8.6", "10.3"),))) == "build tensorrt model.onnx (fp16)"
+    no_build = DeviceProfile(ORIN, "0.1.0", detector_type="tensorrt", engine_build=False)
+    with pytest.raises(IncompatibleBundle, match="building engines on the device is turned off"):
+        no_build.check(_manifest(engines=(("8.6", "10.3"),)))
+
+
+def test_tensorrt_agent_on_a_device_without_gpu_refuses_everything() -> None:
+    with pytest.raises(IncompatibleBundle, match="the tensorrt backend needs an NVIDIA GPU and TensorRT"):
+        DeviceProfile(CPU_ONLY, "0.1.0", detector_type="tensorrt").check(_manifest())
+
+
+def test_onnxruntime_agent_refuses_an_engine_only_bundle_even_for_its_own_gpu() -> None:
+    # The engine would fit the GPU, but the configured backend cannot load it.
+    with pytest.raises(IncompatibleBundle, match="ships no ONNX model for the onnxruntime backend"):
+        DeviceProfile(ORIN, "0.1.0", detector_type="onnxruntime").check(
+            _manifest(onnx=False, engines=(("8.7", "10.3"),)))
+
+
+def test_profile_checks_the_agent_version_first() -> None:
+    with pytest.raises(IncompatibleBundle, match="^wrong agent"):
+        DeviceProfile(ORIN, "0.1.0", detector_type="tensorrt").check(
+            _manifest(onnx=False, engines=(("8.6", "10.3"),), min_agent="2.0"))
+
+
+def test_onnx_becomes_runnable_through_an_on_device_engine_build() -> None:
+    gpu_without_ort = Hardware(gpu_compute_capability="8.7", tensorrt_version="10.3.0")
+    assert [r.kind for r in runnable_runtimes(_manifest(), gpu_without_ort)] == ["onnx"]

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from edge_agent.ota.compat import DeviceProfile
 from edge_agent.ota.health import HealthBaseline
 from edge_agent.ota.record import load_record
 from edge_agent.ota.slots import ModelSlots
@@ -61,10 +62,12 @@ def make(tmp_path, key, server):
     events: list = []
 
     def build(**kw) -> Updater:
-        args = {"hardware": CPU, "agent_version": "0.1.0"} | kw
+        profile = DeviceProfile(kw.pop("hardware", CPU), kw.pop("agent_version", "0.1.0"),
+                                detector_type=kw.pop("detector_type", None))
         u = Updater(DEVICE, tmp_path / "agent", ModelSlots(tmp_path / "agent" / "models"),
                     TrustStore([key.public_key()]), httpx.Client(transport=httpx.MockTransport(server.handler)),
-                    events.append, max_bundle_bytes=args.pop("max_bundle_bytes", 4 * 1024 * 1024), **args)
+                    events.append, max_bundle_bytes=kw.pop("max_bundle_bytes", 4 * 1024 * 1024), device=profile,
+                    **kw)
         u.events = events
         return u
 
@@ -410,7 +413,7 @@ def test_replayed_rollback_is_refused_even_after_later_updates(three, key, publi
     three.switch_back()
     assert _install(three, publish(4)) is State.ACTIVE  # the server moves on
     again = Updater(DEVICE, three._dir, three.slots, three.trust, httpx.Client(), three.events.append,
-                    max_bundle_bytes=1 << 20, hardware=CPU, agent_version="0.1.0")  # and the agent restarts
+                    max_bundle_bytes=1 << 20, device=DeviceProfile(CPU, "0.1.0"))  # and the agent restarts
     with pytest.raises(RollbackRefused, match=f"rollback command {command.command_id} was already carried out"):
         again.check_rollback(command)
 
@@ -431,7 +434,7 @@ def test_redelivered_rollback_changes_nothing(three, key) -> None:
 
 def test_restart_reports_where_the_update_stands(three) -> None:
     again = Updater(DEVICE, three._dir, three.slots, three.trust, httpx.Client(), three.events.append,
-                    max_bundle_bytes=1 << 20, hardware=CPU, agent_version="0.1.0")
+                    max_bundle_bytes=1 << 20, device=DeviceProfile(CPU, "0.1.0"))
     again.report_resume()
     event = three.events[-1]
     assert (event.from_state, event.to_state, event.event) == ("ACTIVE", "ACTIVE", "resume")
