@@ -13,8 +13,11 @@ import structlog
 
 from edge_agent import AGENT_VERSION
 from edge_agent.collector import SampleCollector, truths_of
+from edge_agent.frame_buffer import FrameBuffer
 from edge_agent.hardware import detect_hardware
+from edge_agent.hmi import CorrectionServer
 from edge_agent.inference import create_detector
+from edge_agent.inference.engines import EngineError, detector_settings, resolve_model
 from edge_agent.mqtt_client import AgentMqtt
 from edge_agent.ota import crashpoint
 from edge_agent.ota.compat import DeviceProfile
@@ -23,8 +26,8 @@ from edge_agent.ota.slots import ModelSlots
 from edge_agent.ota.states import ABORTABLE, GIVE_UP, Event, State
 from edge_agent.ota.updater import RollbackRefused, Updater
 from edge_agent.settings import AgentSettings
-from edge_agent.shadow import ShadowItem, ShadowRunner
-from edge_agent.sources import open_source
+from edge_agent.shadow import ShadowBudget, ShadowItem, ShadowRunner
+from edge_agent.sources import FrameReader, SourceEnded, StreamOptions, open_source
 from edge_agent.spool import Spool
 from edge_agent.stats import LatencyWindow
 from edge_agent.uploader import Uploader
@@ -58,15 +61,16 @@ class Agent:
         self.hardware = detect_hardware()
         self.http = httpx.Client(base_url=settings.api_url, timeout=30,
                                  headers={"Authorization": f"Bearer {settings.api_token.get_secret_value()}"})
-        self.mqtt = AgentMqtt(self.device_id, settings.mqtt_host, settings.mqtt_port,
-                              settings.mqtt_password.get_secret_value(),
-                              str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None)
+        # QoS 1 events go through an on-disk outbox, so they survive a broker outage and a restart.
+        self.mqtt = AgentMqtt.from_settings(settings)
         self.spool = Spool(data / "spool", settings.spool_max_bytes)
         self.uploader = Uploader(self.spool, self.http, self.device_id, self.mqtt)
-        self.collector = SampleCollector(
-            self.spool, corrections=settings.collect_corrections, low_confidence=settings.collect_low_confidence,
-            low_band=settings.low_confidence_band, random_rate=settings.random_rate,
-            max_per_hour=settings.max_samples_per_hour, jpeg_quality=settings.jpeg_quality)
+        self.collector = SampleCollector.from_settings(self.spool, settings, data / "collector-quota.json")
+        # Recent frames a line HMI may still correct, by frame id (only kept when the HMI is on).
+        self.recent_frames = FrameBuffer(settings.frame_buffer_frames, settings.frame_buffer_max_bytes)
+        self.hmi = (CorrectionServer.from_settings(settings, self.collector, self.recent_frames)
+                    if settings.hmi_port else None)
+        self.reader: FrameReader | None = None
         if settings.trusted_keys is None:
             raise ValueError("trusted_keys is required: bundles are only installed when their signature verifies")
         self.slots = ModelSlots(data / "models")
@@ -102,10 +106,21 @@ class Agent:
     # ------------------------------------------------------------------ models
 
     def _load(self, version: int):
-        """A slot's model, ready to serve: files re-checked against the signed manifest, loaded,
-        one test inference with the expected output shape."""
+        """A slot's model, ready to serve: files re-checked against the signed manifest, the file
+        this device's backend runs chosen (a bundle engine for this GPU, a cached or freshly built
+        TensorRT engine, or the ONNX model), loaded, one test inference with the expected output shape."""
         self.slots.verify(version, self.updater.trust)
-        detector = create_detector(self.slots.model_path(version), self.settings.detector)
+        s = self.settings
+        manifest = self.slots.manifest(version)
+        try:
+            resolved = resolve_model(
+                self.slots.slot(version), manifest, self.hardware, s.detector.get("type", "onnxruntime"),
+                cache_dir=s.data_dir / "engines", precision=s.engine_precision, allow_build=s.engine_build,
+                workspace_bytes=s.engine_build_workspace_mb << 20, cancel=self._stop,
+                progress=lambda event: self.mqtt.publish(event.to_message(self.device_id)))
+        except EngineError as exc:
+            raise RuntimeError(f"no runnable model file for this device: {exc}") from exc
+        detector = create_detector(resolved.path, detector_settings(s.detector, resolved, manifest))
         try:
             detector.load()
             detector.health_check()
@@ -190,7 +205,10 @@ class Agent:
         elif isinstance(command, RollbackCommand):
             self._rollback(command)
         elif isinstance(command, SamplingConfigCommand):
-            log.info("agent.sampling_config", config=command.model_dump(exclude_none=True))
+            self.collector.configure(random_rate=command.random_rate, low_band=command.low_confidence_band,
+                                     max_per_hour=command.max_samples_per_hour)
+            log.info("agent.sampling_config", config=command.model_dump(exclude_none=True,
+                                                                        exclude={"ts", "msg_id", "v"}))
 
     def _rollback(self, command: RollbackCommand) -> None:
         """A signed rollback: verified before anything in flight is touched; waits out a switch."""
@@ -268,7 +286,7 @@ class Agent:
                 if candidate is None:
                     return
                 self.shadow_detector = candidate
-                self.shadow = ShadowRunner(candidate, rec.shadow_frames, self.settings.shadow_queue)
+                self.shadow = self._shadow_runner(candidate)
                 self.updater.transition(Event.START_SHADOW, f"shadowing {rec.shadow_frames} frames")
         elif state is State.SHADOWING:
             if self.shadow is None:  # resumed after a restart: the window starts again
@@ -280,8 +298,7 @@ class Agent:
                     return
                 if candidate is not None:
                     self.shadow_detector = candidate
-                    self.shadow = ShadowRunner(candidate, self.updater.record.shadow_frames,
-                                               self.settings.shadow_queue)
+                    self.shadow = self._shadow_runner(candidate)
                 return
             if self.shadow.done.is_set():
                 self._finish_shadow()
@@ -291,6 +308,19 @@ class Agent:
             self._resume_checking()
         elif state is State.ROLLING_BACK:
             self._switch_back()
+
+    def _shadow_runner(self, candidate) -> ShadowRunner:
+        s, version = self.settings, self.updater.record.version
+        budget = ShadowBudget(share=s.shadow_share, max_busy_fraction=s.shadow_max_busy_fraction,
+                              window_s=s.shadow_budget_window_s)
+
+        def on_compared(item: ShadowItem, candidate_detections) -> None:
+            # Frames the two models disagree on are exactly what the next retrain should learn from.
+            self.collector.consider_disagreement(item.image, item.frame_id, item.active, candidate_detections,
+                                                 item.active_version, version)
+
+        return ShadowRunner(candidate, self.updater.record.shadow_frames, s.shadow_queue, budget=budget,
+                            on_compared=on_compared if s.collect_shadow_disagreement else None)
 
     def _busy_in_background(self) -> bool:
         return self._bg_future is not None and not self._bg_future.done()
@@ -389,12 +419,15 @@ class Agent:
             return
         fps = (self.frames - self._frames_at_last_beat) / (now - self._last_beat)
         self._last_beat, self._frames_at_last_beat = now, self.frames
+        spool = self.spool.stats().heartbeat_fields()
+        # The spool counts what it holds and sent per reason; the collector what it turned away.
+        spool["samples"] = {**spool["samples"],
+                            **{k: v for k, v in self.collector.counters().items() if k != "collected"}}
         self.mqtt.publish(Heartbeat(
             device_id=self.device_id, fps=round(fps, 2), latency_ms_p50=self.latency.percentile(50) or 0.0,
             latency_ms_p99=self.latency.percentile(99) or 0.0, frames_total=self.frames,
-            samples_sent=self.uploader.sent, spool_depth=self.spool.depth(),
-            disk_free_bytes=shutil.disk_usage(self.settings.data_dir).free,
-            active_version=self.active_version, candidate_version=self.slots.candidate()))
+            samples_sent=self.uploader.sent, disk_free_bytes=shutil.disk_usage(self.settings.data_dir).free,
+            active_version=self.active_version, candidate_version=self.slots.candidate(), **spool))
 
     def stop(self) -> None:
         self._stop.set()
@@ -404,7 +437,13 @@ class Agent:
         self.mqtt.start(self.status())
         self.updater.report_resume()
         self.uploader.start()
-        source = iter(open_source(self.settings.source, loop=self.settings.loop_source))
+        if self.hmi is not None:
+            self.hmi.start()
+        s = self.settings
+        options = StreamOptions(open_timeout_s=s.source_open_timeout_s, read_timeout_s=s.source_read_timeout_s,
+                                initial_backoff_s=s.source_reconnect_min_s, max_backoff_s=s.source_reconnect_max_s)
+        # The source runs on its own thread: a stream reconnecting never stalls commands and heartbeats.
+        self.reader = FrameReader(open_source(s.source, loop=s.loop_source, options=options, stop=self._stop))
         min_interval = 1.0 / self.settings.max_fps if self.settings.max_fps else 0.0
         log.info("agent.started", device=self.device_id, active=self.active_version, state=self.updater.state)
         try:
@@ -423,9 +462,11 @@ class Agent:
                     self._stop.wait(0.2)  # nothing to serve until a model is installed
                     continue
                 try:
-                    frame = next(source)
-                except StopIteration:
+                    frame = self.reader.get(timeout=0.2)
+                except SourceEnded:
                     break
+                if frame is None:
+                    continue  # no frame yet (a stream reconnecting): keep serving commands
                 self.frames += 1
                 try:
                     result = self.detector.infer(frame.image)
@@ -441,7 +482,11 @@ class Agent:
                     detections = list(result.detections)
                     self._observe(FrameOutcome.of(d.conf for d in detections))
                     if self.shadow is not None:
-                        self.shadow.offer(ShadowItem(frame.image, detections, result.latency_ms, truths_of(frame)))
+                        self.shadow.offer(ShadowItem(frame.image, detections, result.latency_ms, truths_of(frame),
+                                                     frame.frame_id, self.active_version))
+                    if self.hmi is not None:
+                        self.recent_frames.push(frame.frame_id, frame.image, detections, self.active_version,
+                                                self.detector.class_names)
                     self.collector.consider(frame, detections, self.active_version)
                 if self.settings.max_frames and self.frames >= self.settings.max_frames:
                     break
@@ -452,6 +497,10 @@ class Agent:
             self.close()
 
     def close(self) -> None:
+        if self.hmi is not None:
+            self.hmi.stop()
+        if self.reader is not None:
+            self.reader.close()
         self._end_shadow()
         self.uploader.stop()
         self.mqtt.stop()
@@ -480,6 +529,8 @@ def shadow_gate_failure(report: dict, max_errors: int, accuracy_tolerance: float
 
 def _describe(report: dict) -> str:
     parts = [f"{report['frames_compared']} frames", f"{report['frames_dropped']} dropped"]
+    if report.get("frames_skipped_budget"):
+        parts.append(f"{report['frames_skipped_budget']} over budget")
     if report["agreement"] is not None:
         parts.append(f"agreement {report['agreement']:.2f}")
     if report["candidate_accuracy"] is not None:

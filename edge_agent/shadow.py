@@ -21,11 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.inference.types import Detection
 from edge_agent.matching import agreement_counts, frame_is_correct
 from edge_agent.stats import LatencyWindow
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -34,6 +37,8 @@ class ShadowItem:
     active: list[Detection]
     active_latency_ms: float
     truths: list[Detection] | None
+    frame_id: str = ""
+    active_version: int | None = None
 
 
 class ShadowBudget(BaseModel):
@@ -89,8 +94,11 @@ class ShadowRunner:
         iou: float = 0.5,
         budget: ShadowBudget | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_compared: Callable[[ShadowItem, list[Detection]], object] | None = None,
     ) -> None:
         self._detector = detector
+        # Called on the shadow thread with each frame both models ran on (e.g. to collect disagreements).
+        self._on_compared = on_compared
         self._window = window_frames
         self._iou = iou
         self.budget = budget or ShadowBudget()
@@ -178,6 +186,11 @@ class ShadowRunner:
                     self._corrected += 1
                     self._active_correct += frame_is_correct(item.active, item.truths, iou=self._iou)
                     self._candidate_correct += frame_is_correct(result.detections, item.truths, iou=self._iou)
+        if result is not None and self._on_compared is not None:
+            try:
+                self._on_compared(item, list(result.detections))
+            except Exception as exc:  # collecting a sample must never break the comparison
+                log.warning("shadow.on_compared_failed", error=str(exc))
         self._check_done()
 
     def _check_done(self) -> None:
