@@ -1,0 +1,243 @@
+"""What the dashboard shows, one JSON-ready dict per topic, read from the database.
+
+``server.api.events`` computes these on a short interval and streams a topic only when its
+dict changed. Each builder takes a session and returns plain JSON types (datetimes as ISO
+strings), so the result can be compared and serialised once for every open stream.
+Lists are capped: the page shows the recent and the active; the paged JSON API has the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from server import registry
+from server.db.models import (
+    AlertRecord,
+    Device,
+    ModelVersion,
+    Quarantine,
+    Sample,
+    TrainingJob,
+)
+from server.fleet import fleet_counts
+from server.ingest import pending_labeled_samples
+from server.pipeline.data_gate import quarantined_devices
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+MAX_DEVICES = 1000
+MAX_MODELS = 20
+MAX_JOBS = 10
+MAX_ALERTS = 30
+GALLERY_SIZE = 24
+MAX_BOXES = 50
+DAYS = 14
+JOB_LOG_CHARS = 6000
+ACTIVE_ROLLOUT_STATES = ("pending", "awaiting_approval", "running", "paused")
+RECENT_FINISHED_ROLLOUTS = 10
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.isoformat()
+
+
+def fleet_view(session: Session, settings: ServerSettings) -> dict[str, Any]:
+    """Devices with state, versions, speed, spool and last seen; the groups and tags to filter by."""
+    by_state, online_per_group = fleet_counts(session)
+    total = session.scalar(select(func.count()).select_from(Device)) or 0
+    devices = session.scalars(select(Device).order_by(Device.id).limit(MAX_DEVICES)).all()
+    groups, tags, items = set(), set(), []
+    for d in devices:
+        hb, hw = d.last_heartbeat or {}, d.hardware or {}
+        groups.update(d.groups)
+        tags.update(d.tags)
+        items.append({
+            "id": d.id, "online": bool(d.online) and not d.revoked, "revoked": d.revoked,
+            "last_seen": _iso(d.last_seen), "agent_version": d.agent_version,
+            "active_version": d.active_version, "candidate_version": d.candidate_version,
+            "update_state": d.update_state, "groups": d.groups, "tags": d.tags,
+            "gpu": hw.get("gpu"), "gpu_compute_capability": hw.get("gpu_compute_capability"),
+            "tensorrt_version": hw.get("tensorrt_version"),
+            "fps": hb.get("fps"), "latency_ms_p50": hb.get("latency_ms_p50"),
+            "latency_ms_p99": hb.get("latency_ms_p99"), "spool_depth": hb.get("spool_depth"),
+            "spool_dropped": hb.get("spool_dropped"), "disk_free_bytes": hb.get("disk_free_bytes"),
+        })
+    return {"total": total, "shown": len(items), "by_state": by_state, "online_per_group": online_per_group,
+            "groups": sorted(groups), "tags": sorted(tags), "devices": items}
+
+
+def _model_item(m: ModelVersion, aliases: dict[int, list[str]]) -> dict[str, Any]:
+    return {"version": m.version, "name": m.name, "status": m.status, "aliases": aliases.get(m.version, []),
+            "created_at": _iso(m.created_at), "parent_version": m.parent_version, "snapshot_id": m.snapshot_id,
+            "job_id": m.job_id, "metrics": m.metrics or {}, "gate": m.gate or {}, "reason": m.reason,
+            "class_names": m.class_names or [], "imgsz": m.imgsz, "approved_by": m.approved_by,
+            "approved_at": _iso(m.approved_at), "bundle_size": m.bundle_size}
+
+
+def models_view(session: Session, settings: ServerSettings) -> dict[str, Any]:
+    """The registry's recent versions with aliases, metrics per eval set and class, and gate results."""
+    aliases = registry.aliases_of(session)
+    rows = session.scalars(select(ModelVersion).order_by(ModelVersion.version.desc()).limit(MAX_MODELS)).all()
+    prod = registry.production(session)
+    by_alias = {name: version for version, names in aliases.items() for name in names}
+    running = Counter(v for (v,) in session.execute(
+        select(Device.active_version).where(Device.revoked.is_(False), Device.active_version.is_not(None))))
+    return {"production_version": prod.version if prod else None, "aliases": by_alias,
+            "class_names": list(settings.class_names), "devices_running": {str(k): n for k, n in running.items()},
+            "items": [_model_item(m, aliases) for m in rows]}
+
+
+def _boxes(boxes: list | None) -> list | None:
+    if boxes is None:
+        return None
+    return [{k: b.get(k) for k in ("cls", "cx", "cy", "w", "h", "conf")} for b in boxes[:MAX_BOXES]
+            if isinstance(b, dict)]
+
+
+def data_view(session: Session, settings: ServerSettings) -> dict[str, Any]:
+    """Samples toward the retrain threshold, rejects with reasons, samples per day, the recent frames
+    with their predicted and corrected boxes, and quarantined devices."""
+    by_status = dict(session.execute(select(Sample.status, func.count()).group_by(Sample.status)).all())
+    reasons = session.execute(
+        select(Sample.reject_reason, func.count()).where(Sample.status == "rejected")
+        .group_by(Sample.reject_reason).order_by(func.count().desc()).limit(12)).all()
+    rejects = session.scalars(select(Sample).where(Sample.status == "rejected")
+                              .order_by(Sample.received_at.desc()).limit(20)).all()
+    since = datetime.now(UTC) - timedelta(days=DAYS - 1)
+    day = func.date(Sample.received_at)
+    per_day: dict[str, dict[str, int]] = {}
+    for d, status, n in session.execute(select(day, Sample.status, func.count()).where(
+            Sample.received_at >= since.replace(hour=0, minute=0, second=0, microsecond=0))
+            .group_by(day, Sample.status)):
+        per_day.setdefault(str(d)[:10], {})[status] = n
+    gallery = session.scalars(select(Sample).order_by(Sample.received_at.desc()).limit(GALLERY_SIZE)).all()
+    active = quarantined_devices(session)
+    held = dict(session.execute(select(Sample.device_id, func.count()).where(Sample.status == "held")
+                                .group_by(Sample.device_id)).all())
+    quarantines = session.scalars(select(Quarantine).order_by(Quarantine.id.desc()).limit(20)).all()
+    return {
+        "pending": pending_labeled_samples(session), "threshold": settings.retrain_threshold,
+        "by_status": by_status,
+        "reject_reasons": [{"reason": r or "(none given)", "count": n} for r, n in reasons],
+        "rejects": [{"id": s.id, "device_id": s.device_id, "reason": s.reason, "reject_reason": s.reject_reason,
+                     "received_at": _iso(s.received_at)} for s in rejects],
+        "per_day": [{"day": k, **v} for k, v in sorted(per_day.items())],
+        "gallery": [{"id": s.id, "device_id": s.device_id, "status": s.status, "reason": s.reason,
+                     "reject_reason": s.reject_reason, "width": s.width, "height": s.height,
+                     "model_version": s.model_version, "received_at": _iso(s.received_at),
+                     "predictions": _boxes(s.predictions), "labels": _boxes(s.labels)} for s in gallery],
+        "quarantined": sorted(active), "held_samples": held,
+        "quarantines": [{"id": q.id, "device_id": q.device_id, "status": q.status,
+                         "decided_at": _iso(q.decided_at), "decided_by": q.decided_by, "job_id": q.job_id,
+                         "reasons": q.reasons, "released_by": q.released_by,
+                         "released_at": _iso(q.released_at)} for q in quarantines],
+    }
+
+
+def pipeline_view(session: Session, settings: ServerSettings) -> dict[str, Any]:
+    """Each recent retrain job's stages with timings, progress, log tail and outcome."""
+    rows = session.scalars(select(TrainingJob).order_by(TrainingJob.id.desc()).limit(MAX_JOBS)).all()
+    counts = dict(session.execute(select(TrainingJob.status, func.count()).group_by(TrainingJob.status)).all())
+    return {"by_status": counts, "jobs": [{
+        "id": j.id, "trigger": j.trigger, "reason": j.reason, "requested_by": j.requested_by, "status": j.status,
+        "stage": j.stage, "stages": j.stages or {}, "progress": j.progress or {}, "coalesced": j.coalesced,
+        "snapshot_id": j.snapshot_id, "candidate_version": j.candidate_version, "created_at": _iso(j.created_at),
+        "started_at": _iso(j.started_at), "finished_at": _iso(j.finished_at), "result": j.result or {},
+        "log": (j.log or "")[-JOB_LOG_CHARS:]} for j in rows]}
+
+
+def alerts_view(session: Session, settings: ServerSettings) -> dict[str, Any]:
+    rows = session.scalars(select(AlertRecord).order_by(AlertRecord.id.desc()).limit(MAX_ALERTS)).all()
+    total = session.scalar(select(func.count()).select_from(AlertRecord)) or 0
+    return {"total": total, "items": [
+        {"id": a.id, "at": _iso(a.at), "kind": a.kind, "severity": a.severity, "subject": a.subject,
+         "message": a.message, "details": a.details or {}, "webhook_status": a.webhook_status} for a in rows]}
+
+
+def drift_view(session: Session, settings: ServerSettings) -> dict[str, Any]:
+    """Each device's and group's latest drift state, and the recent signals with what they triggered.
+    The series with thresholds come from GET /api/v1/drift/{devices|groups}/{id}/windows."""
+    try:
+        from server.db.models import DriftEvent, DriftWindow
+    except ImportError:  # a build without drift monitoring
+        return {"enabled": False, "subjects": [], "events": []}
+    latest = (select(DriftWindow.scope, DriftWindow.subject, func.max(DriftWindow.id).label("last_id"),
+                     func.count().label("windows")).group_by(DriftWindow.scope, DriftWindow.subject).subquery())
+    subjects = []
+    for row, windows in session.execute(select(DriftWindow, latest.c.windows).join(
+            latest, DriftWindow.id == latest.c.last_id).order_by(DriftWindow.id.desc()).limit(500)).all():
+        metrics = (row.state or {}).get("metrics", {})
+        subjects.append({"scope": row.scope, "subject": row.subject, "last_id": row.id, "last_at": _iso(row.at),
+                         "windows": windows, "model_version": row.model_version, "status": row.status,
+                         "drifting": row.drifting, "decayed": row.decayed,
+                         "drifting_metrics": sorted(k for k, h in metrics.items() if h.get("active")),
+                         "correction_rate": row.correction_rate})
+    events = session.scalars(select(DriftEvent).order_by(DriftEvent.id.desc()).limit(30)).all()
+    policy = getattr(settings, "drift", None)
+    return {"enabled": bool(getattr(policy, "enabled", False)), "subjects": subjects, "events": [
+        {"id": e.id, "at": _iso(e.at), "scope": e.scope, "subject": e.subject, "model_version": e.model_version,
+         "signal": e.signal, "event": e.event, "action": e.action, "status": e.status, "detail": e.detail or {},
+         "alert_id": e.alert_id, "job_id": e.job_id} for e in events]}
+
+
+def _rollout_api():
+    """The rollout module when it is installed in this build (it arrived after the dashboard)."""
+    try:
+        from server.rollouts import api as rollout_api
+        from server.rollouts import models as rollout_models
+    except ImportError:
+        return None, None
+    return rollout_api, rollout_models
+
+
+def rollouts_view(session: Session, settings: ServerSettings) -> dict[str, Any]:
+    """Active rollouts and the recently finished ones, in the shape of GET /api/v1/rollouts/{id}."""
+    rollout_api, rollout_models = _rollout_api()
+    model = getattr(rollout_models, "Rollout", None) if rollout_models else None
+    if rollout_api is None or model is None:
+        return {"available": False, "items": []}
+    active = session.scalars(select(model).where(model.state.in_(ACTIVE_ROLLOUT_STATES))
+                             .order_by(model.created_at.desc())).all()
+    finished = session.scalars(select(model).where(model.state.not_in(ACTIVE_ROLLOUT_STATES))
+                               .order_by(model.created_at.desc()).limit(RECENT_FINISHED_ROLLOUTS)).all()
+    items = []
+    for rollout in [*active, *finished]:
+        item = rollout_api.rollout_dict(session, rollout)
+        items.append(_jsonable(item))
+    return {"available": True, "items": items}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return _iso(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+Builder = Callable[[Session, ServerSettings], dict[str, Any]]
+
+# topic -> (seconds between recomputations, builder). Rollouts are the quickest to move and to watch.
+TOPICS: dict[str, tuple[float, Builder]] = {
+    "rollouts": (1.0, rollouts_view),
+    "fleet": (2.0, fleet_view),
+    "pipeline": (2.0, pipeline_view),
+    "alerts": (3.0, alerts_view),
+    "data": (5.0, data_view),
+    "models": (5.0, models_view),
+    "drift": (5.0, drift_view),
+}
