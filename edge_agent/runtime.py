@@ -116,6 +116,7 @@ class Agent:
             resolved = resolve_model(
                 self.slots.slot(version), manifest, self.hardware, s.detector.get("type", "onnxruntime"),
                 cache_dir=s.data_dir / "engines", precision=s.engine_precision, allow_build=s.engine_build,
+                onnx_precision=s.onnx_precision,
                 workspace_bytes=s.engine_build_workspace_mb << 20, cancel=self._stop,
                 progress=lambda event: self.mqtt.publish(event.to_message(self.device_id)))
         except EngineError as exc:

@@ -59,6 +59,8 @@ class AgentSettings(BaseSettings):
     # bundle has no engine for this GPU + TensorRT version, build one from its ONNX (cached in
     # data_dir/engines) unless engine_build is off.
     engine_precision: tuple[Literal["fp16", "fp32", "int8"], ...] = ("fp16", "fp32")
+    # ONNX-reading backends (onnxruntime, openvino) take the bundle's gated INT8 model first.
+    onnx_precision: tuple[Literal["int8", "fp32"], ...] = ("int8", "fp32")
     engine_build: bool = True
     engine_build_workspace_mb: int = Field(1024, ge=64)
 

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from firmware_bundles import (
     Lineage,
+    RuntimeEntry,
     build_bundle,
     generate_private_key,
     load_private_key,
@@ -44,11 +45,17 @@ class ModelPublisher:
         self._class_names = list(class_names)
 
     def build(self, *, onnx: Path, version: int, out: Path, imgsz: int, lineage: dict,
-              metrics: dict[str, float]) -> tuple[Path, str, int]:
+              metrics: dict[str, float], int8_onnx: Path | None = None) -> tuple[Path, str, int]:
+        """The signed bundle: the fp32 ONNX, plus the INT8 ONNX when it passed its golden-set gate."""
+        files = {"model.onnx": onnx}
+        runtimes = [RuntimeEntry(kind="onnx", file="model.onnx", precision="fp32")]
+        if int8_onnx is not None:
+            files["model.int8.onnx"] = int8_onnx
+            runtimes.append(RuntimeEntry(kind="onnx", file="model.int8.onnx", precision="int8"))
         build_bundle(
-            out, {"model.onnx": onnx}, model_name=self._model_name, version=version,
+            out, files, model_name=self._model_name, version=version,
             class_names=self._class_names, input_spec=imgsz, private_key=self._key,
-            lineage=Lineage(**lineage), metrics=metrics,
+            lineage=Lineage(**lineage), metrics=metrics, runtimes=runtimes,
         )
         return out, sha256_file(out), out.stat().st_size
 

@@ -98,6 +98,50 @@ def cached_evaluation(cache_dir: str | None, weights: str, data_yaml: str, imgsz
     return metrics
 
 
+def _train_images(data_yaml: str) -> list[Path]:
+    """The images a data.yaml's train split lists (folders or list files), for INT8 calibration."""
+    import yaml
+
+    from training.data_contract import IMAGE_SUFFIXES
+
+    spec = yaml.safe_load(Path(data_yaml).read_text())
+    root = Path(spec.get("path", Path(data_yaml).parent))
+    images: list[Path] = []
+    for entry in spec["train"] if isinstance(spec["train"], list) else [spec["train"]]:
+        source = Path(entry) if Path(entry).is_absolute() else root / entry
+        if source.is_file():
+            images += [Path(line) for line in source.read_text().split()]
+        elif source.is_dir():
+            images += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return images
+
+
+def _quantize(spec: dict, onnx_path: Path, out_dir: Path, fp32_golden, config_dir: Path,
+              stages: dict[str, float]) -> dict:
+    """INT8 model for CPU devices, shipped only if the golden-set gate on the INT8 artifact passes."""
+    if spec.get("quantize") is False or "golden" not in spec["eval_sets"]:
+        return {"skipped": "quantization off or no golden set"}
+    from training.quantize import QuantizationRejected, QuantizeConfig, quantize_and_gate
+
+    emit("stage", stage="quantize", status="started")
+    t0 = time.monotonic()
+    try:
+        qm, gate = quantize_and_gate(onnx_path, out_dir / "model.int8.onnx", _train_images(spec["data_yaml"]),
+                                     Path(spec["eval_sets"]["golden"]), QuantizeConfig(**spec.get("quantize") or {}),
+                                     config_dir=config_dir, fp32_metrics=fp32_golden)
+        out = {"path": str(qm.path), "gate": _gate_dict(gate), "calibration_images": qm.calibration_images}
+    except QuantizationRejected as exc:
+        out = {"path": None, "rejected": str(exc), "gate": _gate_dict(exc.gate)}
+    stages["quantize"] = time.monotonic() - t0
+    emit("quantized", **{k: v for k, v in out.items() if k != "gate"})
+    return out
+
+
+def _gate_dict(gate) -> dict:
+    return {"fp32": _metrics_dict(gate.fp32), "int8": _metrics_dict(gate.int8),
+            "map50_95_loss": gate.map50_95_loss, "tolerance": gate.tolerance, "passed": gate.passed}
+
+
 def _sample_images(eval_sets: dict[str, str], count: int) -> list[Path]:
     """A few validation images for the export parity check (new data first, then golden)."""
     import yaml
@@ -184,12 +228,18 @@ def run(spec: dict) -> dict:
 
     parity = check_export_parity(trained.best_pt, onnx_path, _sample_images(spec["eval_sets"], 8), imgsz)
     emit("export_parity", **parity.as_dict())
+    onnx_golden = None
     for name in spec.get("onnx_eval_sets", ["golden", "new_data"]):
         if name in spec["eval_sets"]:
-            metrics["candidate"][f"{name}@onnx"] = _metrics_dict(
-                yolo.evaluate(onnx_path, spec["eval_sets"][name], imgsz, config_dir=config_dir))
+            evaluated = yolo.evaluate(onnx_path, spec["eval_sets"][name], imgsz, config_dir=config_dir)
+            onnx_golden = evaluated if name == "golden" else onnx_golden
+            metrics["candidate"][f"{name}@onnx"] = _metrics_dict(evaluated)
             emit("evaluated", eval_set=f"{name}@onnx", candidate=metrics["candidate"][f"{name}@onnx"]["map50"])
     stages["artifact_check"] = time.monotonic() - t0
+
+    int8 = _quantize(spec, onnx_path, out_dir, onnx_golden, config_dir, stages)
+    if int8.get("gate"):
+        metrics["candidate"]["golden@int8"] = int8["gate"]["int8"]
 
     emit("stage", stage="engines", status="started")
     t0 = time.monotonic()
@@ -210,6 +260,8 @@ def run(spec: dict) -> dict:
         "metrics": metrics,
         "stages": stages,
         "export": {"format": "onnx", "imgsz": imgsz, "parity": parity.as_dict()},
+        "int8_onnx": int8.get("path"),
+        "int8": {k: v for k, v in int8.items() if k != "path"},
         "engines": [b.as_dict() for b in engines],
         "hyperparameters": trained.hyperparameters,
         "environment": environment(ultralytics.__version__),

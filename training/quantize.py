@@ -287,11 +287,14 @@ def evaluate_quantized(
     tolerance: float,
     *,
     config_dir: Path | None = None,
+    fp32_metrics: Any = None,
 ) -> GateResult:
-    """Golden-set mAP of both ONNX models by Ultralytics' validator; passed when the loss <= tolerance."""
+    """Golden-set mAP of both ONNX models by Ultralytics' validator; passed when the loss <= tolerance.
+
+    ``fp32_metrics``: the fp32 ONNX model's golden EvalMetrics when the caller already has them."""
     from training import yolo
 
-    fp32 = yolo.evaluate(Path(fp32_onnx), data_yaml, imgsz, config_dir=config_dir)
+    fp32 = fp32_metrics or yolo.evaluate(Path(fp32_onnx), data_yaml, imgsz, config_dir=config_dir)
     int8 = yolo.evaluate(Path(int8_onnx), data_yaml, imgsz, config_dir=config_dir)
     loss = fp32.map50_95 - int8.map50_95
     return GateResult(
@@ -312,6 +315,7 @@ def quantize_and_gate(
     config: QuantizeConfig | None = None,
     *,
     config_dir: Path | None = None,
+    fp32_metrics: Any = None,
 ) -> tuple[QuantizedModel, GateResult]:
     """Quantize, evaluate on the golden set, and publish ``out_path`` only if the loss is tolerated.
 
@@ -330,7 +334,8 @@ def quantize_and_gate(
         qm = quantize_onnx(fp32_onnx, candidate, images, cfg)
         with network_guard():
             gate = evaluate_quantized(
-                fp32_onnx, candidate, golden_data_yaml, qm.imgsz[0], cfg.max_map_loss, config_dir=config_dir
+                fp32_onnx, candidate, golden_data_yaml, qm.imgsz[0], cfg.max_map_loss, config_dir=config_dir,
+                fp32_metrics=fp32_metrics,
             )
         if not gate.passed:
             raise QuantizationRejected(gate)

@@ -252,7 +252,8 @@ class RetrainRunner:
             decision = decide(candidate, production, GatePolicy(
                 policy.golden_tolerance, policy.min_new_data_gain, max_recall_drop=policy.max_recall_drop,
                 artifact_tolerance=policy.artifact_tolerance, min_slice_instances=policy.min_slice_instances))
-        artifacts = {"export": result.get("export", {}), "engines": result.get("engines", [])}
+        artifacts = {"export": result.get("export", {}), "engines": result.get("engines", []),
+                     "int8": result.get("int8", {})}
         for build in artifacts["engines"]:
             self._log(job_id, f"engine {build['target']}: {build['status']} {build.get('reason', '')}".rstrip())
         hyper = {**result["hyperparameters"], "environment": result["environment"],
@@ -281,8 +282,10 @@ class RetrainRunner:
             return "rejected"
 
         with self._stage(job_id, "bundle"):
+            int8 = Path(result["int8_onnx"]) if result.get("int8_onnx") else None
             bundle_path, bundle_sha, bundle_size = self._publisher.build(
-                onnx=Path(result["onnx"]), version=version, out=work / "bundle.tar", imgsz=policy.imgsz,
+                onnx=Path(result["onnx"]), int8_onnx=int8, version=version, out=work / "bundle.tar",
+                imgsz=policy.imgsz,
                 lineage={"snapshot_id": snapshot.id, "parent_version": prod_version, "job_id": str(job_id),
                          "model_name": s.model_name},
                 metrics={f"{k}.{m}": v[m] for k, v in candidate.items() for m in ("map50", "map50_95")},

@@ -347,8 +347,9 @@ def test_manual_approval_keeps_a_passing_candidate_waiting_then_approve_and_roll
 
 
 def test_several_source_devices_get_one_eval_slice_each_over_their_share_of_new_data(ctx, tiny_onnx):
-    _add_samples(ctx, 20, "cam-1")
-    _add_samples(ctx, 20, "cam-2", start=50)
+    # 40 each: the chance that one device gets no new-data val image at all is 0.85**40 (0.15 %).
+    _add_samples(ctx, 40, "cam-1")
+    _add_samples(ctx, 40, "cam-2", start=50)
     executor = StandInExecutor(tiny_onnx("candidate.onnx"), GOOD)
     job, _ = _run(ctx, executor)
     assert job.status == "succeeded", job.log
