@@ -63,46 +63,28 @@ class Subscription:
 
 
 class TrendRecorder:
-    """Recent history the database does not keep: the fleet's speed and each rollout's shadow
-    agreement, one point per ``TREND_EVERY_S`` taken from the views the hub computed anyway.
-    In memory, per process: the dashboard's last hour; Prometheus keeps the long history."""
+    """Recent history the database does not keep: the fleet's speed from the heartbeats (only the
+    last one is stored per device), one point per ``TREND_EVERY_S`` from the fleet view the hub
+    computed anyway. In memory, per process: the dashboard's last hour; Prometheus keeps the long
+    history. (Shadow agreement over time comes from the stored shadow reports, in ``rollouts``.)"""
 
     def __init__(self, points: int = TREND_POINTS) -> None:
         self.fleet: deque[list] = deque(maxlen=points)
-        self.rollouts: dict[str, deque[list]] = {}
-        self._points = points
 
-    def record(self, now: float, fleet: dict | None, rollouts: dict | None) -> None:
-        t = round(now, 1)
-        if fleet is not None:
-            online = [d for d in fleet.get("devices", []) if d.get("online")]
-            fps = [d["fps"] for d in online if d.get("fps") is not None]
-            p50 = [d["latency_ms_p50"] for d in online if d.get("latency_ms_p50") is not None]
-            p99 = [d["latency_ms_p99"] for d in online if d.get("latency_ms_p99") is not None]
-            self.fleet.append([t, len(online), round(sum(fps), 2) if fps else None,
-                               _mean(p50), _mean(p99), max(p99) if p99 else None])
-        for rollout in (rollouts or {}).get("items", []):
-            if rollout.get("state") not in live_views.ACTIVE_ROLLOUT_STATES:
-                continue
-            shadows = [dev.get("shadow") or {} for wave in rollout.get("waves", []) for dev in wave.get("devices", [])]
-            agreement = [s["agreement"] for s in shadows if s.get("agreement") is not None]
-            latency = [s["candidate_latency_ms_p99"] for s in shadows if s.get("candidate_latency_ms_p99") is not None]
-            frames = sum(int(s.get("frames") or 0) for s in shadows)
-            if agreement or latency or frames:
-                series = self.rollouts.setdefault(str(rollout["id"]), deque(maxlen=self._points))
-                series.append([t, _mean(agreement), min(agreement) if agreement else None, _mean(latency), frames])
-        # Forget rollouts that stopped being reported (finished long ago).
-        active = {str(r["id"]) for r in (rollouts or {}).get("items", [])}
-        if rollouts is not None:
-            for key in [k for k in self.rollouts if k not in active]:
-                del self.rollouts[key]
+    def record(self, now: float, fleet: dict | None) -> None:
+        if fleet is None:
+            return
+        online = [d for d in fleet.get("devices", []) if d.get("online")]
+        fps = [d["fps"] for d in online if d.get("fps") is not None]
+        p50 = [d["latency_ms_p50"] for d in online if d.get("latency_ms_p50") is not None]
+        p99 = [d["latency_ms_p99"] for d in online if d.get("latency_ms_p99") is not None]
+        self.fleet.append([round(now, 1), len(online), round(sum(fps), 2) if fps else None,
+                           _mean(p50), _mean(p99), max(p99) if p99 else None])
 
     def view(self) -> dict[str, Any]:
         return {"every_s": TREND_EVERY_S,
                 "fleet": {"columns": ["t", "online", "fps_total", "latency_ms_p50_mean", "latency_ms_p99_mean",
-                                      "latency_ms_p99_max"], "points": list(self.fleet)},
-                "rollouts": {"columns": ["t", "agreement_mean", "agreement_min", "candidate_latency_ms_p99_mean",
-                                         "frames"], "series": {k: list(v) for k, v in self.rollouts.items()}}}
+                                      "latency_ms_p99_max"], "points": list(self.fleet)}}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -186,7 +168,7 @@ class LiveHub:
                     await self._publish(views)
                 if now >= self._next_trend:
                     self._next_trend = now + TREND_EVERY_S
-                    self._trends.record(time.time(), self._views.get("fleet"), self._views.get("rollouts"))
+                    self._trends.record(time.time(), self._views.get("fleet"))
                     await self._publish({"trends": self._trends.view()})
                 await asyncio.sleep(TICK_S)
         except asyncio.CancelledError:
@@ -220,7 +202,8 @@ class LiveHub:
         for name, view in views.items():
             if name != "trends":
                 self._views[name] = view
-            payload = json.dumps(view, sort_keys=True, separators=(",", ":"), default=str)
+            # Key order is kept (job stages run in order); a builder emits the same order every time.
+            payload = json.dumps(view, separators=(",", ":"), default=str)
             current = self._payloads.get(name)
             if current is None or current[1] != payload:
                 self._seq += 1

@@ -43,6 +43,8 @@ DAYS = 14
 JOB_LOG_CHARS = 6000
 ACTIVE_ROLLOUT_STATES = ("pending", "awaiting_approval", "running", "paused")
 RECENT_FINISHED_ROLLOUTS = 10
+AGREEMENT_BUCKET_S = 5
+MAX_SHADOW_REPORTS = 5000
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -185,38 +187,82 @@ def drift_view(session: Session, settings: ServerSettings) -> dict[str, Any]:
                          "drifting_metrics": sorted(k for k, h in metrics.items() if h.get("active")),
                          "correction_rate": row.correction_rate})
     events = session.scalars(select(DriftEvent).order_by(DriftEvent.id.desc()).limit(30)).all()
+    alerts = {a.id: a for a in session.scalars(select(AlertRecord).where(
+        AlertRecord.id.in_([e.alert_id for e in events if e.alert_id is not None])))}
+    jobs = {j.id: j for j in session.scalars(select(TrainingJob).where(
+        TrainingJob.id.in_([e.job_id for e in events if e.job_id is not None])))}
     policy = getattr(settings, "drift", None)
     return {"enabled": bool(getattr(policy, "enabled", False)), "subjects": subjects, "events": [
         {"id": e.id, "at": _iso(e.at), "scope": e.scope, "subject": e.subject, "model_version": e.model_version,
          "signal": e.signal, "event": e.event, "action": e.action, "status": e.status, "detail": e.detail or {},
-         "alert_id": e.alert_id, "job_id": e.job_id} for e in events]}
+         "alert_id": e.alert_id, "job_id": e.job_id,
+         "alert": ({"severity": a.severity, "kind": a.kind, "message": a.message}
+                   if (a := alerts.get(e.alert_id)) else None),
+         "job": ({"id": j.id, "status": j.status, "candidate_version": j.candidate_version}
+                 if (j := jobs.get(e.job_id)) else None)} for e in events]}
 
 
-def _rollout_api():
-    """The rollout module when it is installed in this build (it arrived after the dashboard)."""
+def _rollout_parts():
+    """The rollout controller's table and view function, when this build has them."""
     try:
-        from server.rollouts import api as rollout_api
-        from server.rollouts import models as rollout_models
+        from server.db.models import Rollout, RolloutShadowReport
+        from server.rollouts.api import rollout_dict
     except ImportError:
-        return None, None
-    return rollout_api, rollout_models
+        return None
+    return Rollout, RolloutShadowReport, rollout_dict
+
+
+def _agreement_series(session: Session, report_model, rollout_ids: list[int]) -> dict[str, dict[str, Any]]:
+    """Per active rollout, its devices' shadow windows of the last hour in ``AGREEMENT_BUCKET_S`` buckets:
+    mean and lowest agreement with the active model, mean candidate p99 latency, frames compared."""
+    if not rollout_ids:
+        return {}
+    since = datetime.now(UTC) - timedelta(hours=1)
+    rows = session.execute(
+        select(report_model.rollout_id, report_model.received_at, report_model.agreement,
+               report_model.candidate_latency_ms_p99, report_model.frames)
+        .where(report_model.rollout_id.in_(rollout_ids), report_model.received_at >= since)
+        .order_by(report_model.received_at.desc()).limit(MAX_SHADOW_REPORTS)).all()
+    buckets: dict[int, dict[int, list]] = {}
+    for rollout_id, at, agreement, latency, frames in rows:
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+        t = int(at.timestamp()) // AGREEMENT_BUCKET_S * AGREEMENT_BUCKET_S
+        bucket = buckets.setdefault(rollout_id, {}).setdefault(t, [[], [], 0])
+        if agreement is not None:
+            bucket[0].append(agreement)
+        if latency is not None:
+            bucket[1].append(latency)
+        bucket[2] += frames or 0
+    out = {}
+    for rollout_id, by_t in buckets.items():
+        points = []
+        for t in sorted(by_t):
+            agreement, latency, frames = by_t[t]
+            points.append([t, _mean(agreement), min(agreement) if agreement else None, _mean(latency), frames])
+        out[str(rollout_id)] = {"columns": ["t", "agreement_mean", "agreement_min", "candidate_latency_ms_p99_mean",
+                                            "frames"], "points": points}
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def rollouts_view(session: Session, settings: ServerSettings) -> dict[str, Any]:
-    """Active rollouts and the recently finished ones, in the shape of GET /api/v1/rollouts/{id}."""
-    rollout_api, rollout_models = _rollout_api()
-    model = getattr(rollout_models, "Rollout", None) if rollout_models else None
-    if rollout_api is None or model is None:
-        return {"available": False, "items": []}
+    """Active rollouts and the recently finished ones, in the shape of GET /api/v1/rollouts/{id},
+    and the shadow agreement of the active ones over the last hour."""
+    parts = _rollout_parts()
+    if parts is None:
+        return {"available": False, "items": [], "agreement": {}}
+    model, report_model, rollout_dict = parts
     active = session.scalars(select(model).where(model.state.in_(ACTIVE_ROLLOUT_STATES))
-                             .order_by(model.created_at.desc())).all()
+                             .order_by(model.id.desc())).all()
     finished = session.scalars(select(model).where(model.state.not_in(ACTIVE_ROLLOUT_STATES))
-                               .order_by(model.created_at.desc()).limit(RECENT_FINISHED_ROLLOUTS)).all()
-    items = []
-    for rollout in [*active, *finished]:
-        item = rollout_api.rollout_dict(session, rollout)
-        items.append(_jsonable(item))
-    return {"available": True, "items": items}
+                               .order_by(model.id.desc()).limit(RECENT_FINISHED_ROLLOUTS)).all()
+    items = [_jsonable(rollout_dict(session, rollout)) for rollout in [*active, *finished]]
+    return {"available": True, "items": items,
+            "agreement": _agreement_series(session, report_model, [r.id for r in active])}
 
 
 def _jsonable(value: Any) -> Any:

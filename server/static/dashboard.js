@@ -158,6 +158,8 @@
     };
     S.charts[key] = { u: new uPlot(opts, data, el), sig };
   }
+  // Live charts span at least a minute, so a young series does not stretch across the whole axis.
+  const recent = (u, min, max) => [Math.min(min, max - 60), max];
   function noChart(key, el, text) {
     if (S.charts[key]) { S.charts[key].u.destroy(); delete S.charts[key]; }
     setHTML(el, empty(text));
@@ -237,6 +239,7 @@
       { label: "p50 ms (mean)", digits: 1 }, { label: "p99 ms (mean)", digits: 1 }, { label: "p99 ms (worst)", digits: 1, dash: [4, 4] },
       { label: "fps (fleet)", scale: "fps", digits: 1, color: "#a78bfa" },
     ], [col(0), col(3), col(4), col(5), col(2)], {
+      scales: { x: { time: true, range: recent } },
       axes: [{ stroke: "#94a3b8", grid: { stroke: "#2a3650" } }, { stroke: "#94a3b8", grid: { stroke: "#2a3650" }, label: "ms" },
         { scale: "fps", side: 1, stroke: "#a78bfa", grid: { show: false }, label: "fps" }],
     });
@@ -244,24 +247,29 @@
 
   // ------------------------------------------------------------------ rollouts
   const ACTIVE = ["pending", "awaiting_approval", "running", "paused"];
+  // What an operator may do in each state (server/rollouts/plan.py ACTIONS; the API answers 409 otherwise).
   const ROLLOUT_BUTTONS = {
-    pending: ["rollout.abort"], awaiting_approval: ["rollout.approve", "rollout.abort"],
+    pending: ["rollout.pause", "rollout.abort"], awaiting_approval: ["rollout.approve", "rollout.abort"],
     running: ["rollout.pause", "rollout.abort", "rollout.rollback"], paused: ["rollout.resume", "rollout.abort", "rollout.rollback"],
-    succeeded: ["rollout.rollback"],
+    succeeded: ["rollout.rollback"], aborted: ["rollout.rollback"],
   };
-  const DEVICE_DONE = new Set(["passed", "switched", "promoted", "active", "succeeded", "done", "completed"]);
-  const DEVICE_BAD = new Set(["failed", "rejected", "rolled_back", "aborted", "error"]);
+  // How far along a device is in its wave (the wave's bar adds these up against its target).
+  const DEVICE_PROGRESS = { pending: 0, deploying: 0.25, shadowing: 0.5, promoting: 0.75, active: 1 };
+  const DEVICE_BAD = new Set(["failed", "aborting", "aborted", "rolling_back", "rolled_back"]);
+  const deviceClass = (state) => (state === "active" ? "ok" : DEVICE_BAD.has(state) ? "bad" : state === "pending" ? "offline" : "run");
   function gate(g) {
     const cls = g.passed === true ? "pass" : g.passed === false ? "fail" : "";
     const mark = g.passed === true ? "✓" : g.passed === false ? "✗" : "…";
-    const v = typeof g.value === "number" ? num(g.value, Math.abs(g.value) >= 100 ? 0 : 3) : esc(g.value ?? "–");
-    const th = typeof g.threshold === "number" ? num(g.threshold, Math.abs(g.threshold) >= 100 ? 0 : 3) : esc(g.threshold ?? "–");
-    return `<span class="gate ${cls}" data-gate="${esc(g.name)}" title="${esc(g.name)}: value ${v}, threshold ${th}">${mark} ${esc(g.name)}: <b>${v}</b> / ${th}</span>`;
+    const fmt = (x) => (typeof x !== "number" ? esc(x ?? "–") : Number.isInteger(x) ? String(x) : num(x, Math.abs(x) >= 100 ? 0 : 3));
+    const v = fmt(g.value), th = fmt(g.threshold);
+    return `<span class="gate ${cls}" data-gate="${esc(g.name)}" title="${esc(g.name)}: value ${v}, threshold ${th}${g.detail ? " · " + esc(g.detail) : ""}">${mark} ${esc(g.name)}: <b>${v}</b> / ${th}</span>`;
   }
   function waveHTML(r, w) {
     const devices = w.devices || [];
     const target = Math.max(w.target || 0, devices.length);
-    const done = w.state === "passed" ? target : devices.filter((d) => DEVICE_DONE.has(String(d.state).toLowerCase())).length;
+    const switched = devices.filter((d) => d.state === "active").length;
+    const shadowing = devices.filter((d) => d.state === "shadowing").length;
+    const done = w.state === "passed" ? target : devices.reduce((a, d) => a + (DEVICE_PROGRESS[d.state] || 0), 0);
     const counts = {};
     devices.forEach((d) => { counts[d.state] = (counts[d.state] || 0) + 1; });
     const key = `wave-${r.id}-${w.index}`;
@@ -269,7 +277,7 @@
     const rows = devices.map((d) => {
       const s = d.shadow || {};
       return `<tr data-device="${esc(d.device_id)}"><td>${esc(d.device_id)}</td>
-        <td>${chip(d.state, DEVICE_DONE.has(String(d.state).toLowerCase()) ? "ok" : DEVICE_BAD.has(String(d.state).toLowerCase()) ? "bad" : "run")}</td>
+        <td>${chip(d.state, deviceClass(d.state))}</td>
         <td>${d.active_version ? "v" + esc(d.active_version) : "–"}</td><td>${d.candidate_version ? "v" + esc(d.candidate_version) : "–"}</td>
         <td>${esc(d.update_state || "–")}</td><td class="num">${esc(s.frames ?? "–")}</td><td class="num">${pct(s.agreement)}</td>
         <td class="num">${pct(s.active_accuracy)}</td><td class="num">${pct(s.candidate_accuracy)}</td>
@@ -277,10 +285,11 @@
         <td><small>${esc(d.reason || "")}</small></td></tr>`;
     }).join("") || empty("no devices in this wave yet", 12);
     return `<div class="wave" data-wave="${esc(w.index)}">
-      <div class="wave-head"><div><b>${esc(w.name || "wave " + w.index)}</b> ${chip(w.state)} <small class="muted">${done}/${target} devices</small></div>
-        <progress class="${esc(w.state)}" max="${target || 1}" value="${done}" data-done="${done}" data-target="${target}"></progress>
+      <div class="wave-head"><div><b>${esc(w.name || "wave " + w.index)}</b> ${chip(w.state)} <small class="muted">${switched}/${target} switched${shadowing ? ` · ${shadowing} shadowing` : ""}</small></div>
+        <progress class="${esc(w.state)}" max="${target || 1}" value="${done}" data-target="${target}"></progress>
         <small class="muted">${w.started_at ? "started " + ts(w.started_at) : "not started"}</small></div>
       <div class="gates">${(w.gates || []).map(gate).join("") || '<span class="muted">no gate values yet</span>'}</div>
+      ${w.verdict && w.verdict.reason ? `<small class="muted">${esc(w.phase ? w.phase + " phase · " : "")}${esc(w.verdict.reason)}</small>` : w.reason ? `<small class="muted">${esc(w.reason)}</small>` : ""}
       <details data-open-key="${key}"${open ? " open" : ""}><summary>devices · ${Object.entries(counts).map(([k, n]) => `${esc(k)} ${n}`).join(" · ") || "none"}</summary>
       <div class="scroll short"><table class="dense"><thead><tr><th>Device</th><th>State</th><th>Active</th><th>Candidate</th><th>Update</th>
         <th class="num">Frames</th><th class="num">Agreement</th><th class="num">Acc. active</th><th class="num">Acc. cand.</th>
@@ -316,9 +325,10 @@
     if (ev.target.open) { S.open.add(key); S.open.delete(key + ":closed"); } else { S.open.delete(key); S.open.add(key + ":closed"); }
   }, true);
   function renderAgreementChart() {
-    const t = S.trends, r = S.rollouts;
+    const r = S.rollouts;
     const el = $("chart-agreement");
-    const series = t ? t.rollouts.series : {};
+    const series = {};
+    Object.entries((r && r.agreement) || {}).forEach(([k, v]) => { series[k] = v.points; });
     const ids = Object.keys(series).filter((k) => series[k].length >= 2);
     if (!ids.length) { noChart("agreement", el, "no active rollout with shadow reports yet"); return; }
     const xs = [...new Set(ids.flatMap((k) => series[k].map((p) => p[0])))].sort((a, b) => a - b);
@@ -331,7 +341,7 @@
     // The agreement gate's threshold of the first rollout that has one, drawn as a line.
     const th = (r && r.items || []).flatMap((x) => (x.waves || []).flatMap((w) => w.gates || [])).find((g) => /agree/i.test(g.name) && typeof g.threshold === "number");
     if (th) { defs.push({ label: `threshold (${th.name})`, color: "#f87171", dash: [6, 4], width: 1 }); data.push(xs.map(() => th.threshold)); }
-    chart("agreement", el, defs, data, { scales: { x: { time: true }, y: { range: [0, 1] } } });
+    chart("agreement", el, defs, data, { scales: { x: { time: true, range: recent }, y: { range: [0, 1] } } });
   }
 
   // ------------------------------------------------------------------ models
@@ -541,7 +551,7 @@
         res.data && res.data.halted ? `<span class="bad">data halted: ${esc((res.data.reasons || []).join("; "))}</span>` : ""].filter(Boolean).join(" · ");
       const elapsed = j.started_at ? ((j.finished_at ? new Date(j.finished_at) : new Date()) - new Date(j.started_at)) / 1000 : null;
       const key = `log-${j.id}`;
-      return `<div class="card" data-job="${j.id}"><div class="toolbar"><h3>Job #${esc(j.id)}</h3>${chip(j.status)}<small class="muted">${esc(j.trigger)} · ${esc(j.requested_by || "–")} · ${ts(j.created_at)}${elapsed !== null ? " · took " + dur(elapsed) : ""}${j.coalesced ? ` · ${esc(j.coalesced)} requests coalesced` : ""}</small></div>
+      return `<div class="card" data-job="${j.id}"><div class="toolbar"><h3>Job #${esc(j.id)}</h3>${chip(j.status)}<small class="muted">${esc(j.trigger)} · ${esc(j.requested_by || "–")} · ${ts(j.created_at)}${elapsed !== null ? (j.finished_at ? " · took " : " · running for ") + dur(elapsed) : ""}${j.coalesced ? ` · ${esc(j.coalesced)} requests coalesced` : ""}</small></div>
         ${j.reason ? `<p class="muted">${esc(j.reason)}</p>` : ""}${running}
         ${stageRows ? `<table class="dense"><thead><tr><th>stage</th><th class="num">time</th><th>share</th></tr></thead><tbody>${stageRows}</tbody></table>` : ""}
         ${outcome ? `<p>${outcome}</p>` : ""}
@@ -553,7 +563,7 @@
     const p = S.pipeline;
     const el = $("chart-jobs");
     const done = p ? p.jobs.filter((j) => j.started_at && j.finished_at).reverse() : [];
-    if (done.length < 1) { noChart("jobs", el, "job durations appear here once jobs finish"); return; }
+    if (done.length < 2) { noChart("jobs", el, "job durations are charted here once two jobs have finished"); return; }
     chart("jobs", el, [{ label: "job duration (s)", bars: true, color: "#a78bfa", fill: "#a78bfa55", digits: 0 }],
       [done.map((j) => Date.parse(j.finished_at) / 1000), done.map((j) => (Date.parse(j.finished_at) - Date.parse(j.started_at)) / 1000)],
       { height: 160, scales: { x: { time: true }, y: { range: (u, mn, mx) => [0, Math.max(1, mx * 1.1)] } } });
@@ -585,7 +595,9 @@
     }).join("") || empty(d.enabled ? "no drift windows reported yet" : "drift monitoring is off on this server", 8);
     setHTML($("drift-subjects"), `<thead><tr><th>scope</th><th>subject</th><th>state</th><th>drifting metrics</th><th class="num">correction rate</th><th class="num">windows</th><th>model</th><th>last window</th></tr></thead><tbody>${rows}</tbody>`);
     const ev = d.events.map((e) => `<tr><td>${ts(e.at)}</td><td>${esc(e.scope)} <b>${esc(e.subject)}</b></td><td>${esc(e.signal)} ${chip(e.event)}</td>
-      <td>${esc(e.action)} ${chip(e.status)}</td><td>${e.alert_id ? "alert #" + esc(e.alert_id) : "–"}</td><td>${e.job_id ? "job #" + esc(e.job_id) : "–"}</td>
+      <td>${esc(e.action)} ${chip(e.status)}</td>
+      <td>${e.alert ? `${chip(e.alert.severity)} <small>${esc(e.alert.message)}</small>` : e.alert_id ? "alert #" + esc(e.alert_id) : "–"}</td>
+      <td>${e.job ? `job #${esc(e.job.id)} ${chip(e.job.status)}${e.job.candidate_version ? " → v" + esc(e.job.candidate_version) : ""}` : e.job_id ? "job #" + esc(e.job_id) : "–"}</td>
       <td><small>${esc(Object.entries(e.detail || {}).map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" "))}</small></td></tr>`).join("") || empty("no drift or decay signal yet", 7);
     setHTML($("drift-events"), `<thead><tr><th>when</th><th>subject</th><th>signal</th><th>action</th><th>alert fired</th><th>retrain</th><th>detail</th></tr></thead><tbody>${ev}</tbody>`);
     const sel = d.subjects.find((s) => `${s.scope}:${s.subject}` === S.drift_sel);
@@ -671,7 +683,7 @@
   // ------------------------------------------------------------------ the live stream
   // Which tabs a topic's change must redraw (the visible one at once, the others when shown).
   const AFFECTS = { fleet: ["fleet", "models"], rollouts: ["rollouts"], models: ["models", "data"], data: ["data"],
-                    pipeline: ["pipeline"], alerts: ["alerts"], drift: ["drift"], trends: ["fleet", "rollouts"] };
+                    pipeline: ["pipeline"], alerts: ["alerts"], drift: ["drift"], trends: ["fleet"] };
   let source = null;
   let lastEvent = 0;
   function setLive(on, text) {

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 pytest.register_assert_rewrite("fleet_kit", "dashboard_kit")
-from dashboard_kit import LiveServer, SseReader, wait_for  # noqa: E402
+from dashboard_kit import LiveServer, SseReader, seed_dashboard, wait_for  # noqa: E402
 from fleet_kit import ADMIN, server_settings  # noqa: E402
 
 from server.api import events as live_events  # noqa: E402
@@ -265,3 +265,40 @@ def test_static_files_are_served_and_confined(server):
         assert client.get("/static/vendor/uPlot.LICENSE").text.startswith("The MIT License")
         assert client.get("/static/../dashboard.py").status_code == 404
         assert client.get("/static/%2e%2e/dashboard.py").status_code == 404
+
+
+def test_every_view_builds_on_postgresql(postgres, s3_store, tmp_path):
+    """The views' SQL (date buckets, grouped latest rows) on PostgreSQL too, over a seeded plant."""
+    from types import SimpleNamespace
+
+    import sqlalchemy
+
+    from server.db.session import make_engine, make_session_factory, upgrade_schema
+    from server.settings import ServerSettings
+
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(postgres, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    engine = make_engine(postgres.rsplit("/", 1)[0] + "/" + name)
+    try:
+        upgrade_schema(engine)
+        ctx = SimpleNamespace(sessions=make_session_factory(engine), store=s3_store)
+        plant = seed_dashboard(ctx, devices=4, samples=6)
+        settings = ServerSettings(data_dir=tmp_path, retrain_threshold=50)
+        with ctx.sessions() as session:
+            views = {topic: build(session, settings) for topic, (_, build) in live_views.TOPICS.items()}
+        assert [d["id"] for d in views["fleet"]["devices"]] == plant["devices"]
+        assert views["fleet"]["by_state"]["online"] == 3 and views["fleet"]["groups"] == ["line-a", "line-b"]
+        assert views["models"]["aliases"] == {"production": 1, "candidate": 2}
+        assert views["data"]["pending"] >= 1 and views["data"]["threshold"] == 50
+        assert sum(sum(v for k, v in day.items() if k != "day") for day in views["data"]["per_day"]) == 6
+        assert views["data"]["reject_reasons"][0]["reason"].startswith("label box outside")
+        assert list(views["pipeline"]["jobs"][-1]["stages"])[:2] == ["validate", "snapshot"]  # run order kept
+        assert views["rollouts"]["items"] == []
+        if views["drift"]["subjects"]:
+            assert views["drift"]["subjects"][0]["drifting_metrics"] == ["brightness"]
+            assert views["drift"]["events"][-1]["alert"]["severity"] == "warning"
+    finally:
+        engine.dispose()
