@@ -89,8 +89,10 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
         if ctx.bus is not None:
             ctx.bus.start()
         ctx.scheduler.start()
+        ctx.ingest.start_rechecker()
         log.info("server.started", url=settings.resolved_public_url(), db=settings.resolved_database_url())
         yield
+        ctx.ingest.stop()
         ctx.scheduler.stop()
         if ctx.bus is not None:
             ctx.bus.stop()

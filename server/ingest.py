@@ -3,6 +3,7 @@ device status and heartbeats, OTA transitions and shadow reports."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -14,11 +15,14 @@ from protocol import ProtocolError, decode_message
 from protocol.messages import Heartbeat, SampleEvent, ShadowReport, StatusMessage, UpdateEvent
 from server import metrics
 from server.db.models import Deployment, Device, Sample, utcnow
+from server.objectstore import ObjectStoreError
 from server.sample_validation import ImageLimits, SampleRejected, check_image, check_labels, check_object_key
 
 log = structlog.get_logger(__name__)
 
 ACTIVE_STATE = "ACTIVE"
+# A sample whose object could not be checked because the store was down when its event came.
+UNVERIFIED = "unverified"
 
 
 def pending_labeled_samples(session: Session) -> int:
@@ -44,6 +48,8 @@ class IngestService:
         self._limits = limits
         self._threshold = threshold
         self._on_threshold = on_threshold
+        self._stop = threading.Event()
+        self._rechecker: threading.Thread | None = None
 
     def handle(self, topic: str, payload: bytes) -> None:
         received = datetime.now(UTC)
@@ -80,6 +86,10 @@ class IngestService:
                 self._validate(session, event)
             except SampleRejected as exc:
                 status, reason = "rejected", str(exc)
+            except ObjectStoreError as exc:
+                # The broker has acknowledged the event and the device forgot it: never drop it.
+                # Keep it unverified and check it again once the store answers (recheck_unverified).
+                status, reason = UNVERIFIED, f"object store unreachable at ingest, re-checked later: {exc}"
             sample = Sample(
                 id=event.sample_id,
                 device_id=event.device_id,
@@ -106,6 +116,53 @@ class IngestService:
         if status == "validated" and pending >= self._threshold:
             self._on_threshold(pending)
         return sample
+
+    def recheck_unverified(self, limit: int = 500) -> dict[str, int]:
+        """Validate samples that arrived while the object store was unreachable; returns outcomes."""
+        outcomes: dict[str, int] = {}
+        with self._sessions() as session:
+            rows = session.scalars(select(Sample).where(Sample.status == UNVERIFIED).order_by(Sample.received_at)
+                                   .limit(limit)).all()
+            for row in rows:
+                event = SampleEvent(
+                    device_id=row.device_id, sample_id=row.id, object_key=row.object_key, sha256=row.sha256,
+                    size_bytes=row.size_bytes, width=row.width, height=row.height, reason=row.reason,
+                    model_version=row.model_version, captured_at=row.captured_at,
+                    predictions=row.predictions or [], labels=row.labels)
+                try:
+                    self._validate(session, event)
+                    row.status, row.reject_reason = ("validated" if row.labels is not None else "unlabeled"), ""
+                except SampleRejected as exc:
+                    row.status, row.reject_reason = "rejected", str(exc)
+                except ObjectStoreError:
+                    break  # still down: try again on the next round, in arrival order
+                outcomes[row.status] = outcomes.get(row.status, 0) + 1
+                metrics.SAMPLES.labels(status=row.status).inc()
+            session.commit()
+            pending = pending_labeled_samples(session)
+        if outcomes:
+            log.info("ingest.rechecked", **outcomes)
+            metrics.PENDING_SAMPLES.set(pending)
+            if outcomes.get("validated") and pending >= self._threshold:
+                self._on_threshold(pending)
+        return outcomes
+
+    def start_rechecker(self, interval: float = 10.0) -> None:
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.recheck_unverified()
+                except Exception:  # a database hiccup must not end the loop
+                    log.exception("ingest.recheck_failed")
+
+        self._stop.clear()
+        self._rechecker = threading.Thread(target=loop, name="ingest-recheck", daemon=True)
+        self._rechecker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._rechecker is not None:
+            self._rechecker.join(5)
 
     def _validate(self, session: Session, event: SampleEvent) -> None:
         device = session.get(Device, event.device_id)
