@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edge_agent.drift import DriftSettings
 from edge_agent.ota.health import HealthSettings
 
 
@@ -116,6 +117,9 @@ class AgentSettings(BaseSettings):
     # Post-switch health window (errors, confidence collapse) before an update is committed;
     # env as JSON, e.g. EDGELOOP_AGENT_HEALTH='{"window_frames": 100}'.
     health: HealthSettings = Field(default_factory=HealthSettings)
+    # Drift statistics per window, published on the drift topic (edge_agent.drift); env as JSON,
+    # e.g. EDGELOOP_AGENT_DRIFT='{"window_frames": 300, "window_seconds": 60}'.
+    drift: DriftSettings = Field(default_factory=DriftSettings)
 
     heartbeat_seconds: float = Field(5.0, gt=0)
 

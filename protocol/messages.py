@@ -220,6 +220,10 @@ class DriftReport(_Message):
     frames: int = Field(ge=0)
     histograms: dict[str, Histogram] = Field(default_factory=dict, max_length=64)
     correction_rate: float | None = Field(default=None, ge=0, le=1)
+    # Frames the line's QA judged in this window (what correction_rate is a share of) and when the
+    # window opened; the defaults keep older agents' reports valid.
+    qa_frames: int = Field(default=0, ge=0)
+    started_at: datetime | None = None
 
 
 # ---------------------------------------------------------------- server → device

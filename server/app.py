@@ -19,6 +19,7 @@ log = structlog.get_logger(__name__)
 def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> ServerContext:
     from server.alerts import AlertService
     from server.db.session import make_engine, make_session_factory, upgrade_schema
+    from server.drift.service import make_drift_monitor
     from server.ingest import IngestService
     from server.mqtt_bus import MqttBus
     from server.objectstore import ObjectStore
@@ -67,6 +68,8 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
         settings.retrain_threshold,
         on_threshold=lambda n: ctx.scheduler.request("threshold", f"{n} validated samples", "ingest"),
     )
+    ctx.drift = make_drift_monitor(ctx, key)
+    ctx.ingest.on_drift = ctx.drift.handle
     if connect_mqtt:
         ctx.bus = MqttBus(settings.mqtt_host, settings.mqtt_port, settings.mqtt_username,
                           settings.mqtt_password.get_secret_value(), f"edgeloop-server-{os.getpid()}",
@@ -76,6 +79,7 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
 
 
 def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAPI:
+    from server.api.drift_routes import router as drift_router
     from server.api.fleet_routes import router as fleet_router
     from server.api.openapi import document_api
     from server.api.registry_routes import router as registry_router
@@ -103,6 +107,7 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
     app.include_router(fleet_router)
     app.include_router(router)
     app.include_router(registry_router)
+    app.include_router(drift_router)
     app.include_router(dashboard_router)
     document_api(app)
 

@@ -23,3 +23,4 @@ class ServerContext:
     ingest: object  # server.ingest.IngestService
     alerts: object = None  # server.alerts.AlertService
     on_promoted: object = None  # callable(version): what happens when a version becomes production
+    drift: object = None  # server.drift.monitor.DriftMonitor

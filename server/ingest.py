@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol import ProtocolError, decode_message
-from protocol.messages import Heartbeat, SampleEvent, ShadowReport, StatusMessage, UpdateEvent
+from protocol.messages import DriftReport, Heartbeat, SampleEvent, ShadowReport, StatusMessage, UpdateEvent
 from server import metrics
 from server.db.models import Deployment, Device, Sample, utcnow
 from server.objectstore import ObjectStoreError
@@ -48,6 +48,7 @@ class IngestService:
         self._limits = limits
         self._threshold = threshold
         self._on_threshold = on_threshold
+        self.on_drift: Callable[[DriftReport], object] | None = None  # server.drift.monitor.DriftMonitor.handle
         self._stop = threading.Event()
         self._rechecker: threading.Thread | None = None
 
@@ -73,6 +74,8 @@ class IngestService:
             self._on_update(message)
         elif isinstance(message, ShadowReport):
             self._on_shadow(message)
+        elif isinstance(message, DriftReport) and self.on_drift is not None:
+            self.on_drift(message)
 
     # ------------------------------------------------------------------ samples
 

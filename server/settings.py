@@ -89,11 +89,17 @@ class DriftPolicy(BaseSettings):
     clear_after: int = Field(3, ge=1)
     # A metric is scored only when the window has this many values of it (noise floor).
     min_count: int = Field(100, ge=1)
-    # Performance decay: the line's QA corrects too many frames, or the model's confidence or
-    # detection rate collapses against its reference (ratios, as the agent's post-switch health check).
-    max_correction_rate: float = Field(0.25, ge=0, le=1)
-    clear_correction_rate: float = Field(0.15, ge=0, le=1)
-    min_qa_frames: int = Field(20, ge=1)
+    # Performance decay: the line's QA corrects too many frames -- more than max_correction_rate, or
+    # correction_increase more than the model's own rate over its first baseline_windows windows on
+    # that device/group (how often QA corrects a frame depends on the model: the fast seed model
+    # is corrected on ~1/3 of base frames) -- or the model's confidence or detection rate
+    # collapses against its reference (ratios, as the agent's post-switch health check).
+    max_correction_rate: float = Field(0.5, ge=0, le=1)
+    clear_correction_rate: float = Field(0.4, ge=0, le=1)
+    correction_increase: float = Field(0.2, ge=0, le=1)
+    clear_correction_increase: float = Field(0.1, ge=0, le=1)
+    baseline_windows: int = Field(3, ge=1)
+    min_qa_frames: int = Field(50, ge=1)
     min_confidence_ratio: float = Field(0.7, ge=0, le=1)
     clear_confidence_ratio: float = Field(0.85, ge=0, le=1)
     min_detection_rate_ratio: float = Field(0.5, ge=0, le=1)
@@ -106,6 +112,9 @@ class DriftPolicy(BaseSettings):
     normal_random_rate: float = Field(0.0, ge=0, le=1)
     retrain_on_drift: bool = True
     retrain_on_decay: bool = True
+    # A retrain needs labeled samples to learn the new look from: until this many are pending, the
+    # request waits (re-checked every window while the signal stays raised).
+    retrain_min_samples: int = Field(1, ge=0)
     # A device whose model decays within this many windows of switching to it is rolled back
     # (signed rollback to the version it ran before) instead of waiting for a retrain.
     rollback_on_decay: bool = True

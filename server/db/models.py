@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -260,3 +260,66 @@ class AlertRecord(Base):
     message: Mapped[str] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
     webhook_status: Mapped[str] = mapped_column(String(64), default="")
+
+
+class DriftReference(Base):
+    """A model version's drift reference: its training data's statistics (JSON in the object store)."""
+
+    __tablename__ = "drift_references"
+
+    model_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # building | ready | failed
+    status: Mapped[str] = mapped_column(String(16), default="building")
+    object_key: Mapped[str] = mapped_column(String(512), default="")
+    frames: Mapped[int] = mapped_column(Integer, default=0)
+    stats_version: Mapped[int] = mapped_column(Integer, default=0)
+    source: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str] = mapped_column(Text, default="")
+
+
+class DriftWindow(Base):
+    """One scored window of a device, or of a group (the sum of its members' windows)."""
+
+    __tablename__ = "drift_windows"
+    __table_args__ = (Index("ix_drift_windows_subject_at", "scope", "subject", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    scope: Mapped[str] = mapped_column(String(8))  # device | group
+    subject: Mapped[str] = mapped_column(String(64))  # device id or group name
+    msg_id: Mapped[str | None] = mapped_column(String(64), unique=True, default=None)  # the device report's
+    model_version: Mapped[int | None] = mapped_column(default=None)
+    window: Mapped[int] = mapped_column(Integer, default=0)
+    frames: Mapped[int] = mapped_column(Integer, default=0)
+    # scored | no_reference
+    status: Mapped[str] = mapped_column(String(16), default="scored")
+    correction_rate: Mapped[float | None] = mapped_column(Float, default=None)
+    # {metric: {psi, ks, wasserstein, count}} and the decay figures of the window.
+    scores: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    decay: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    drifting: Mapped[bool] = mapped_column(Boolean, default=False)
+    decayed: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Hysteresis state after this window, so a restarted server resumes where it stopped.
+    state: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class DriftEvent(Base):
+    """A drift/decay signal raised or cleared, and each action it triggered (alert, sampling,
+    retrain, rollback) with its outcome."""
+
+    __tablename__ = "drift_events"
+    __table_args__ = (Index("ix_drift_events_subject_at", "scope", "subject", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    scope: Mapped[str] = mapped_column(String(8))
+    subject: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[int | None] = mapped_column(default=None)
+    signal: Mapped[str] = mapped_column(String(16))  # drift | decay
+    event: Mapped[str] = mapped_column(String(16))  # raised | cleared
+    action: Mapped[str] = mapped_column(String(16))  # alert | sampling | retrain | rollback
+    status: Mapped[str] = mapped_column(String(16))  # done | skipped | failed
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    alert_id: Mapped[int | None] = mapped_column(default=None)
+    job_id: Mapped[int | None] = mapped_column(default=None)
