@@ -13,11 +13,13 @@ import structlog
 
 from edge_agent import AGENT_VERSION
 from edge_agent.collector import SampleCollector, truths_of
+from edge_agent.drift import DriftWindow
 from edge_agent.frame_buffer import FrameBuffer
 from edge_agent.hardware import detect_hardware
 from edge_agent.hmi import CorrectionServer
 from edge_agent.inference import create_detector
 from edge_agent.inference.engines import EngineError, detector_settings, resolve_model
+from edge_agent.matching import frame_is_correct
 from edge_agent.mqtt_client import AgentMqtt
 from edge_agent.ota import crashpoint
 from edge_agent.ota.compat import DeviceProfile
@@ -71,6 +73,9 @@ class Agent:
         self.hmi = (CorrectionServer.from_settings(settings, self.collector, self.recent_frames)
                     if settings.hmi_port else None)
         self.reader: FrameReader | None = None
+        # Input, confidence and QA statistics per window, published on the drift topic.
+        self.drift: DriftWindow | None = None
+        self._drift_model: int | None = None
         if settings.trusted_keys is None:
             raise ValueError("trusted_keys is required: bundles are only installed when their signature verifies")
         self.slots = ModelSlots(data / "models")
@@ -412,6 +417,22 @@ class Agent:
         else:
             self.baseline.add(outcome)
 
+    # ------------------------------------------------------------------ drift
+
+    def _drift_frame(self, frame, detections) -> None:
+        """Feed the drift window (one window describes one model) and publish it when complete."""
+        if not self.settings.drift.enabled:
+            return
+        if self.drift is None or self._drift_model != self.active_version:
+            self.drift = DriftWindow(self.settings.drift, len(self.detector.class_names))
+            self._drift_model = self.active_version
+        truths = truths_of(frame)
+        # QA's verdict on this frame: corrected when its labels disagree with the live model.
+        corrected = None if truths is None else not frame_is_correct(detections, truths)
+        self.drift.add(frame.image, detections, corrected)
+        if self.drift.due():
+            self.mqtt.publish(self.drift.report(self.device_id, self.active_version))
+
     # ------------------------------------------------------------------ loop
 
     def _heartbeat(self) -> None:
@@ -489,6 +510,7 @@ class Agent:
                         self.recent_frames.push(frame.frame_id, frame.image, detections, self.active_version,
                                                 self.detector.class_names)
                     self.collector.consider(frame, detections, self.active_version)
+                    self._drift_frame(frame, detections)
                 if self.settings.max_frames and self.frames >= self.settings.max_frames:
                     break
                 spare = min_interval - (time.monotonic() - t0)

@@ -135,3 +135,50 @@ def test_a_slot_damaged_on_disk_is_never_served(setup) -> None:
     assert record.state is State.ROLLED_BACK
     assert "version 2 failed to load: slot 2: model.onnx differs from its signed manifest" in record.reason
     assert 2 not in served and slots.active() == 1
+
+
+
+def test_the_loop_publishes_drift_windows_and_takes_hmi_corrections(setup, tmp_path) -> None:
+    """Wiring of the loop's side paths: drift windows per model with QA's correction rate, and a
+    line HMI correcting a served frame by id through the agent's local endpoint."""
+    import socket
+
+    import httpx
+
+    from protocol.messages import DriftReport
+
+    settings, _, _ = setup
+    frames = tmp_path / "frames"
+    (frames / "0.txt").write_text("0 0.1 0.1 0.05 0.05\n")  # QA disagrees with the fake model's box
+    (frames / "1.txt").write_text("0 0.5 0.5 0.25 0.25\n")  # ...and agrees with it here
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = settings.model_copy(update={
+        "drift": settings.drift.model_copy(update={"window_frames": 6, "min_frames": 1, "window_seconds": 0}),
+        "hmi_port": port})
+    agent = Agent(settings)
+    published = []
+    agent.mqtt.publish = lambda message: published.append(message)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len([m for m in published if isinstance(m, DriftReport)]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        correction = httpx.post(f"http://127.0.0.1:{port}/v1/corrections", json={
+            "frame_id": "2", "labels": [{"cls": 0, "cx": 0.2, "cy": 0.2, "w": 0.1, "h": 0.1}]})
+        unknown = httpx.post(f"http://127.0.0.1:{port}/v1/corrections", json={
+            "frame_id": "no-such-frame", "labels": []})
+    finally:
+        agent.stop()
+        thread.join(20)
+    drift = [m for m in published if isinstance(m, DriftReport)]
+    assert len(drift) >= 2 and (drift[0].window, drift[1].window) == (0, 1)
+    assert drift[0].frames == 6 and drift[0].model_version == 1
+    assert drift[0].qa_frames == 4 and drift[0].correction_rate == 0.5  # frames 0 and 1, twice each in 6
+    assert "brightness" in drift[0].histograms
+    assert correction.status_code == 202, correction.text
+    assert unknown.status_code == 404
+    # Frame 0's folder label (QA disagreed) once, and the HMI's correction of frame 2.
+    assert agent.collector.counters()["collected"]["correction"] == 2
