@@ -160,6 +160,11 @@ class ShadowReport(_Message):
     frames_compared: int = Field(ge=0)
     frames_dropped: int = Field(ge=0)
     agreement: float | None = Field(default=None, ge=0, le=1)
+    # Share of the active model's confident boxes the candidate also found (same class, IoU >= 0.5):
+    # agreement where the active model is confident, what a rollout gates on (new detections of a
+    # retrained model are judged on corrected frames instead). None: no such box in the window, or
+    # an agent that does not measure it.
+    confident_agreement: float | None = Field(default=None, ge=0, le=1)
     corrected_frames: int = Field(default=0, ge=0)
     active_accuracy: float | None = Field(default=None, ge=0, le=1)
     candidate_accuracy: float | None = Field(default=None, ge=0, le=1)
@@ -244,6 +249,10 @@ class DeployCommand(_Command):
     mode: Literal["shadow_then_switch", "direct"] = "shadow_then_switch"
     shadow_frames: int = Field(default=50, ge=1, le=1_000_000)
     rollout_id: str | None = None
+    # A rollout's gates are the server's decision: with this set the agent, once its shadow window
+    # passes its own checks, stays in SHADOWING, reporting a window every ``shadow_frames`` frames,
+    # until a PromoteCommand or AbortCommand arrives. False: it promotes itself (plain deploys).
+    await_promotion: bool = False
 
 
 class PromoteCommand(_Command):

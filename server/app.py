@@ -50,13 +50,12 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
                         accounts=accounts, publisher=publisher, scheduler=None, ingest=None, alerts=alerts)
 
     def on_promoted(version: int) -> None:
-        if settings.auto_deploy and ctx.bus is not None:
-            from server.deploy import deploy_version
+        if settings.auto_deploy:  # a rollout: canary first, gated on its shadow reports (RolloutPolicy.auto_waves)
+            from server.rollouts.api import create_auto_rollout
 
             with sessions() as session:
-                deploy_version(session, store, ctx.bus, version, None, mode="shadow_then_switch",
-                               shadow_frames=settings.shadow_frames, presign_seconds=settings.presign_seconds,
-                               actor="auto-deploy")
+                create_auto_rollout(session, version, settings, actor="auto-deploy")
+            ctx.rollouts.nudge()
 
     ctx.on_promoted = on_promoted
     runner = RetrainRunner(settings, sessions, store, make_executor(settings, store), publisher, on_promoted,
@@ -68,6 +67,10 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
         settings.retrain_threshold,
         on_threshold=lambda n: ctx.scheduler.request("threshold", f"{n} validated samples", "ingest"),
     )
+    from server.rollouts.controller import make_rollout_controller
+
+    ctx.rollouts = make_rollout_controller(ctx, key)
+    ctx.ingest.on_device_message = ctx.rollouts.observe
     ctx.drift = make_drift_monitor(ctx, key)
     ctx.ingest.on_drift = ctx.drift.handle
     if connect_mqtt:
@@ -83,6 +86,7 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
     from server.api.fleet_routes import router as fleet_router
     from server.api.openapi import document_api
     from server.api.registry_routes import router as registry_router
+    from server.api.rollout_routes import router as rollout_router
     from server.api.routes import router
     from server.dashboard import router as dashboard_router
 
@@ -93,10 +97,12 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
         if ctx.bus is not None:
             ctx.bus.start()
         ctx.scheduler.start()
+        ctx.rollouts.start()
         ctx.ingest.start_rechecker()
         log.info("server.started", url=settings.resolved_public_url(), db=settings.resolved_database_url())
         yield
         ctx.ingest.stop()
+        ctx.rollouts.stop()
         ctx.scheduler.stop()
         if ctx.bus is not None:
             ctx.bus.stop()
@@ -107,6 +113,7 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
     app.include_router(fleet_router)
     app.include_router(router)
     app.include_router(registry_router)
+    app.include_router(rollout_router)
     app.include_router(drift_router)
     app.include_router(dashboard_router)
     document_api(app)

@@ -18,6 +18,9 @@ devices_app = typer.Typer(help="Enroll, list and revoke devices.", no_args_is_he
 models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(models_app, name="models")
+rollout_app = typer.Typer(help="Roll a model version out in gated waves; watch, pause, resume, abort, roll back.",
+                          no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
 console = Console()
 
 API_URL = typer.Option(os.environ.get("EDGELOOP_API_URL", "http://127.0.0.1:8000"), "--api-url",
@@ -324,3 +327,191 @@ def models_lineage(version: int, api_url: str = API_URL, token: str = TOKEN) -> 
     """Model → job → dataset snapshots → images per device."""
     sys.stdout.write(json.dumps(_call(api_url, token, "GET", f"/api/v1/models/{version}/lineage"),
                                 indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------------- rollouts
+
+
+def parse_wave(text: str) -> dict:
+    """``canary:1`` (a count), ``50%`` or ``half:50%`` (a cumulative share of the fleet)."""
+    name, _, size = text.rpartition(":")
+    size = size.strip()
+    try:
+        if size.endswith("%"):
+            return {"name": name or size, "percent": float(size[:-1])}
+        return {"name": name or f"{int(size)} devices", "count": int(size)}
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a wave like canary:1, 10% or half:50%") from None
+
+
+def parse_gate(text: str) -> tuple[str, float | int | None]:
+    """``min_frames=500``, ``max_latency_p99_ms=none``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise typer.BadParameter(f"{text!r} is not a gate like min_frames=500")
+    value = value.strip().lower()
+    if value in {"none", "null", ""}:
+        return name.strip(), None
+    try:
+        return name.strip(), int(value) if value.lstrip("-").isdigit() else float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: {value!r} is not a number") from None
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def print_rollout(r: dict) -> None:
+    console.print(f"[bold]rollout {r['id']}[/]: version {r['version']} [bold]{r['state']}[/] "
+                  f"({r['mode']}, on failure {r['on_failure']}{', approval per wave' if r['require_approval'] else ''})"
+                  f", by {r['created_by']}", highlight=False)
+    if r.get("reason"):
+        console.print(f"  {r['reason']}", highlight=False)
+    for wave in r["waves"]:
+        size = f"{wave['percent']:g}%" if wave.get("percent") is not None else f"{wave['count']} device(s)"
+        phase = f", {wave['phase']}" if wave.get("phase") and wave["state"] == "running" else ""
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(wave.get("device_counts", {}).items()))
+        console.print(f"\nwave {wave['index']} [bold]{wave['name']}[/] ({size}): {wave['state']}{phase}"
+                      f"{' – ' + counts if counts else ''}", highlight=False)
+        verdict = wave.get("verdict") or {}
+        why = verdict.get("reason") or wave.get("reason")
+        if why:
+            console.print(f"  {why}", highlight=False)
+        if wave.get("gates"):
+            gates = Table("gate", "value", "threshold", "passing")
+            for g in wave["gates"]:
+                mark = {True: "[green]yes[/]", False: "[red]no[/]"}.get(g["passed"], "–")
+                gates.add_row(g["name"], _fmt(g["value"]), _fmt(g["threshold"]), mark)
+            console.print(gates)
+        if wave.get("devices"):
+            devices = Table("device", "state", "agent state", "active", "frames", "agreement*", "accuracy",
+                            "p99 ms", "errors", "reason")
+            for d in wave["devices"]:
+                s = d.get("shadow") or {}
+                accuracy = (f"{_fmt(s.get('active_accuracy'))} → {_fmt(s.get('candidate_accuracy'))}"
+                            if s.get("corrected_frames") else "–")
+                devices.add_row(d["device_id"], d["state"], d["update_state"] or "–", _fmt(d["active_version"]),
+                                _fmt(s.get("frames")), _fmt(s.get("confident_agreement")), accuracy,
+                                _fmt(s.get("candidate_latency_ms_p99")), _fmt(s.get("errors")),
+                                (d.get("reason") or "")[:60])
+            console.print(devices)
+    if any(w.get("devices") for w in r["waves"]):
+        console.print("* agreement where the active model is confident", style="dim")
+
+
+@rollout_app.command("create")
+def rollout_create(
+    version: str = typer.Argument("production", help="Registry version number, or 'production'."),
+    group: list[str] = typer.Option(None, "--group", "-g", help="Devices in any of these groups (repeatable, a,b)."),
+    tag: list[str] = typer.Option(None, "--tag", "-t", help="Devices carrying all of these tags (repeatable, a,b)."),
+    device: list[str] = typer.Option(None, "--device", "-d", help="Only these devices (repeatable, a,b)."),
+    gpu_cc: str = typer.Option(None, "--gpu-cc", help="GPU compute capability, e.g. 8.7."),
+    trt: str = typer.Option(None, "--tensorrt", help="TensorRT version, e.g. 10.3.0."),
+    wave: list[str] = typer.Option(None, "--wave", "-w", help="canary:1, 10%, half:50% ... in order (repeatable); "
+                                                              "default: the server's waves."),
+    gate: list[str] = typer.Option(None, "--gate", help="Override a gate, e.g. min_frames=500 (repeatable)."),
+    direct: bool = typer.Option(False, "--direct", help="Install and switch without shadowing first."),
+    on_failure: str = typer.Option(None, "--on-failure", help="pause or abort when a wave fails its gates."),
+    require_approval: bool = typer.Option(False, "--require-approval", help="Each wave waits for `approve`."),
+    reason: str = typer.Option("", "--reason", "-r", help="Why (audit log)."),
+    api_url: str = API_URL, token: str = TOKEN,
+) -> None:
+    """Start a rollout of a model version in gated waves (operator role)."""
+    selector: dict = {"groups": _csv(group), "tags": _csv(tag), "devices": _csv(device)}
+    if gpu_cc:
+        selector["gpu_compute_capability"] = gpu_cc
+    if trt:
+        selector["tensorrt_version"] = trt
+    body: dict = {"version": version if version == "production" else int(version), "selector": selector,
+                  "gates": dict(parse_gate(g) for g in gate or []), "require_approval": require_approval,
+                  "reason": reason}
+    if wave:
+        body["waves"] = [parse_wave(w) for w in wave]
+    if direct:
+        body["mode"] = "direct"
+    if on_failure:
+        body["on_failure"] = on_failure
+    r = _call(api_url, token, "POST", "/api/v1/rollouts", json=body)
+    waves = " → ".join(w["name"] for w in r["waves"])
+    console.print(f"rollout {r['id']} of version {r['version']}: {waves}; {r['state']}", highlight=False)
+
+
+@rollout_app.command("list")
+def rollout_list(state: str = typer.Option(None, "--state", help="Only rollouts in this state."),
+                 limit: int = typer.Option(20, min=1, max=200), offset: int = typer.Option(0, min=0),
+                 api_url: str = API_URL, token: str = TOKEN) -> None:
+    """Rollouts, newest first (viewer role)."""
+    params: dict = {"limit": limit, "offset": offset}
+    if state:
+        params["state"] = state
+    data = _call(api_url, token, "GET", "/api/v1/rollouts", params=params)
+    table = Table("id", "version", "state", "waves", "created by", "created", "reason")
+    for r in data["items"]:
+        waves = " ".join(f"{w['name']}:{w['state']}" for w in r["waves"])
+        table.add_row(str(r["id"]), str(r["version"]), r["state"], waves, r["created_by"], str(r["created_at"])[:19],
+                      (r.get("reason") or "")[:60])
+    console.print(table)
+    if data["total"] > offset + len(data["items"]):
+        console.print(f"{offset + 1}-{offset + len(data['items'])} of {data['total']}: --offset for more")
+
+
+@rollout_app.command("show")
+def rollout_show(rollout_id: int, as_json: bool = typer.Option(False, "--json", help="The raw JSON."),
+                 watch: bool = typer.Option(False, "--watch", help="Refresh every 2 s until it finishes."),
+                 api_url: str = API_URL, token: str = TOKEN) -> None:
+    """One rollout: waves, each gate's value against its threshold, devices (viewer role)."""
+    while True:
+        r = _call(api_url, token, "GET", f"/api/v1/rollouts/{rollout_id}")
+        if as_json:
+            sys.stdout.write(json.dumps(r, indent=2, default=str) + "\n")
+        else:
+            if watch:
+                console.clear()
+            print_rollout(r)
+        if not watch or r["state"] in {"succeeded", "aborted", "rolled_back"} and r.get("settled"):
+            return
+        time.sleep(2)
+
+
+def _rollout_action(action: str, rollout_id: int, reason: str, api_url: str, token: str) -> None:
+    r = _call(api_url, token, "POST", f"/api/v1/rollouts/{rollout_id}/{action}", json={"reason": reason})
+    console.print(f"rollout {r['id']}: {r['state']}" + (f" ({r['reason']})" if r.get("reason") else ""),
+                  highlight=False)
+
+
+_REASON = typer.Option("", "--reason", "-r", help="Why (audit log).")
+
+
+@rollout_app.command("approve")
+def rollout_approve(rollout_id: int, reason: str = _REASON, api_url: str = API_URL, token: str = TOKEN) -> None:
+    """Start the next wave of a rollout waiting for approval (operator role)."""
+    _rollout_action("approve", rollout_id, reason, api_url, token)
+
+
+@rollout_app.command("pause")
+def rollout_pause(rollout_id: int, reason: str = _REASON, api_url: str = API_URL, token: str = TOKEN) -> None:
+    """No new deploys or promotions; devices in shadow keep shadowing (operator role)."""
+    _rollout_action("pause", rollout_id, reason, api_url, token)
+
+
+@rollout_app.command("resume")
+def rollout_resume(rollout_id: int, reason: str = _REASON, api_url: str = API_URL, token: str = TOKEN) -> None:
+    """Carry on; a wave that failed its gates runs again (operator role)."""
+    _rollout_action("resume", rollout_id, reason, api_url, token)
+
+
+@rollout_app.command("abort")
+def rollout_abort(rollout_id: int, reason: str = _REASON, api_url: str = API_URL, token: str = TOKEN) -> None:
+    """Stop: devices not yet switched drop the candidate; switched ones keep it (operator role)."""
+    _rollout_action("abort", rollout_id, reason, api_url, token)
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(rollout_id: int, reason: str = _REASON, api_url: str = API_URL, token: str = TOKEN) -> None:
+    """Every device of the rollout back to the version it ran before (operator role)."""
+    _rollout_action("rollback", rollout_id, reason, api_url, token)

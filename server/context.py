@@ -23,4 +23,5 @@ class ServerContext:
     ingest: object  # server.ingest.IngestService
     alerts: object = None  # server.alerts.AlertService
     on_promoted: object = None  # callable(version): what happens when a version becomes production
+    rollouts: object = None  # server.rollouts.controller.RolloutController
     drift: object = None  # server.drift.monitor.DriftMonitor

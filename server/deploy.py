@@ -38,13 +38,10 @@ def deploy_version(
     """Publish a DeployCommand to each device (all non-revoked devices when ``device_ids`` is None)."""
     mv = _deployable(session, version)
     devices = _devices(session, device_ids)
-    url = store.presigned_get(mv.bundle_key, timedelta(seconds=presign_seconds))
+    url, _ = bundle_url(store, mv, presign_seconds)
     sent = []
     for device in devices:
-        command = DeployCommand(
-            device_id=device.id, version=version, bundle_url=url, bundle_sha256=mv.bundle_sha256,
-            bundle_size=mv.bundle_size, mode=mode, shadow_frames=shadow_frames,
-        )
+        command = deploy_command(device.id, mv, url, mode=mode, shadow_frames=shadow_frames)
         deployment = Deployment(device_id=device.id, version=version, command_id=command.command_id, mode=mode)
         session.add(deployment)
         session.flush()
@@ -55,6 +52,34 @@ def deploy_version(
     session.commit()
     log.info("deploy.sent", version=version, devices=len(sent), mode=mode)
     return sent
+
+
+def bundle_url(store, mv: ModelVersion, presign_seconds: int) -> tuple[str, datetime]:
+    """A presigned GET of the version's bundle and when it expires."""
+    expires = timedelta(seconds=presign_seconds)
+    return store.presigned_get(mv.bundle_key, expires), datetime.now(UTC) + expires
+
+
+def deploy_command(device_id: str, mv: ModelVersion, url: str, *, mode: str, shadow_frames: int,
+                   rollout_id: str | None = None, await_promotion: bool = False) -> DeployCommand:
+    return DeployCommand(device_id=device_id, version=mv.version, bundle_url=url, bundle_sha256=mv.bundle_sha256,
+                         bundle_size=mv.bundle_size, mode=mode, shadow_frames=shadow_frames,
+                         rollout_id=rollout_id, await_promotion=await_promotion)
+
+
+def rollback_command(device_id: str, to_version: int, signing_key: Ed25519PrivateKey, *, reason: str,
+                     expires_at: datetime, mv: ModelVersion | None = None, url: str | None = None) -> RollbackCommand:
+    """A signed rollback to ``to_version``; with ``mv`` and ``url`` it carries that version's bundle, so
+    a device that has pruned the slot fetches it."""
+    bundle = ({"bundle_url": url, "bundle_sha256": mv.bundle_sha256, "bundle_size": mv.bundle_size}
+              if mv is not None and url else {})
+    return sign_command(RollbackCommand(device_id=device_id, to_version=to_version, reason=reason[:2000],
+                                        expires_at=expires_at, **bundle), signing_key)
+
+
+def deployable(session: Session, version: int) -> ModelVersion:
+    """The version, if it has a signed bundle to ship; DeployError saying why not otherwise."""
+    return _deployable(session, version)
 
 
 def _deployable(session: Session, version: int) -> ModelVersion:
@@ -96,15 +121,11 @@ def rollback_version(
     """
     mv = _deployable(session, version)
     devices = _devices(session, device_ids)
-    expires = timedelta(seconds=presign_seconds)
-    url = store.presigned_get(mv.bundle_key, expires)
-    expires_at = datetime.now(UTC) + expires
+    url, expires_at = bundle_url(store, mv, presign_seconds)
     sent = []
     for device in devices:
-        command = sign_command(RollbackCommand(
-            device_id=device.id, to_version=version, reason=reason, bundle_url=url,
-            bundle_sha256=mv.bundle_sha256, bundle_size=mv.bundle_size, expires_at=expires_at,
-        ), signing_key)
+        command = rollback_command(device.id, version, signing_key, reason=reason, expires_at=expires_at,
+                                   mv=mv, url=url)
         deployment = Deployment(device_id=device.id, version=version, command_id=command.command_id,
                                 mode="rollback", reason=reason)
         session.add(deployment)

@@ -48,6 +48,8 @@ class IngestService:
         self._limits = limits
         self._threshold = threshold
         self._on_threshold = on_threshold
+        # server.rollouts.controller.RolloutController.observe: status, update and shadow messages.
+        self.on_device_message: Callable[[object], object] | None = None
         self.on_drift: Callable[[DriftReport], object] | None = None  # server.drift.monitor.DriftMonitor.handle
         self._stop = threading.Event()
         self._rechecker: threading.Thread | None = None
@@ -76,6 +78,8 @@ class IngestService:
             self._on_shadow(message)
         elif isinstance(message, DriftReport) and self.on_drift is not None:
             self.on_drift(message)
+        if self.on_device_message is not None and isinstance(message, (StatusMessage, UpdateEvent, ShadowReport)):
+            self.on_device_message(message)  # after the device's own rows are written
 
     # ------------------------------------------------------------------ samples
 

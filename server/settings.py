@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.rollouts.spec import GateConfig, WaveSpec, canary_then_fleet, check_waves, default_waves
 from training.finetune import FINETUNE_DEFAULTS
 
 
@@ -133,6 +134,40 @@ class DriftPolicy(BaseSettings):
         return self.threshold
 
 
+class RolloutPolicy(BaseSettings):
+    """Defaults of every rollout and how the controller runs them (server/rollouts/). Env
+    ``EDGELOOP_ROLLOUT_*``; waves and gates as JSON, e.g. EDGELOOP_ROLLOUT_GATES='{"min_frames": 500}'."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_ROLLOUT_", extra="ignore")
+
+    waves: list[WaveSpec] = Field(default_factory=default_waves)
+    gates: GateConfig = Field(default_factory=GateConfig)
+    mode: Literal["shadow_then_switch", "direct"] = "shadow_then_switch"
+    on_failure: Literal["pause", "abort"] = "pause"
+    # A version that becomes production with auto_deploy on goes out as a rollout with these waves
+    # (min_frames = shadow_frames); a rollout still running for an older version is aborted.
+    auto_waves: list[WaveSpec] = Field(default_factory=canary_then_fleet)
+    # Frames per shadow report: the agent reports a window this long, again and again, until promoted.
+    shadow_window_frames: int = Field(100, ge=1, le=1_000_000)
+    # A device that makes no progress (no state change, no shadow report) for this long counts as a
+    # failed install, so one dead or slow device never holds a wave.
+    device_timeout_seconds: float = Field(900.0, ge=5)
+    # A command whose effect is not seen this long after it was sent is sent again (same command id:
+    # devices ignore duplicates), at most max_sends times in all.
+    resend_seconds: float = Field(30.0, ge=1)
+    max_sends: int = Field(10, ge=1)
+    reconcile_seconds: float = Field(2.0, gt=0, le=60)
+    # Per-rollout lease: the one replica that acts on a rollout until the lease runs out unrenewed.
+    lease_seconds: float = Field(30.0, ge=2)
+    # A finished rollout's Prometheus series are dropped this long after it settled.
+    metrics_retention_seconds: float = Field(600.0, ge=0)
+
+    @field_validator("waves", "auto_waves")
+    @classmethod
+    def _waves(cls, value: list[WaveSpec]) -> list[WaveSpec]:
+        return check_waves(value)
+
+
 class KubernetesExecutorSettings(BaseSettings):
     """Where a retrain runs when ``EDGELOOP_EXECUTOR=kubernetes``: one Job per retrain
     (server/pipeline/k8s_executor.py renders it; deploy/k8s/ has the cluster side)."""
@@ -226,6 +261,8 @@ class ServerSettings(BaseSettings):
     alert_webhook_url: str = ""
     # Drift and performance-decay monitoring of the fleet (server/drift/).
     drift: DriftPolicy = Field(default_factory=DriftPolicy)
+    # Rollouts: default waves and gates, and how the controller runs them (server/rollouts/).
+    rollouts: RolloutPolicy = Field(default_factory=RolloutPolicy)
 
     def resolved_database_url(self) -> str:
         if self.database_url:

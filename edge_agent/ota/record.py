@@ -25,6 +25,9 @@ class UpdateRecord(BaseModel):
     bundle_size: int = 0
     mode: str = "shadow_then_switch"
     shadow_frames: int = 50
+    # A rollout's deploy: after a passing shadow window, hold in SHADOWING (reporting further windows)
+    # until the server promotes or aborts, instead of promoting itself.
+    await_promotion: bool = False
     # Active when the update started: where a failed health check rolls back to.
     from_version: int | None = None
     # Set only by a verified, signed rollback command: lets an older bundle past rollback protection.

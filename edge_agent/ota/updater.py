@@ -143,6 +143,7 @@ class Updater:
                 update_id=command.command_id, version=command.version, state=self.record.state,
                 bundle_url=command.bundle_url, bundle_sha256=command.bundle_sha256,
                 bundle_size=command.bundle_size, mode=command.mode, shadow_frames=command.shadow_frames,
+                await_promotion=command.await_promotion,
                 from_version=self.slots.active(), seen_rollbacks=self.record.seen_rollbacks,
             )
         self.transition(Event.DEPLOY, f"deploy of version {command.version} ({command.mode})")

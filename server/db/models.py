@@ -262,6 +262,134 @@ class AlertRecord(Base):
     webhook_status: Mapped[str] = mapped_column(String(64), default="")
 
 
+class Rollout(Base):
+    """A registry version taken to the selected devices wave by wave (server/rollouts/)."""
+
+    __tablename__ = "rollouts"
+    __table_args__ = (Index("ix_rollouts_state", "state"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"))
+    # pending | awaiting_approval | running | paused | succeeded | aborted | rolled_back
+    state: Mapped[str] = mapped_column(String(24), default="pending")
+    mode: Mapped[str] = mapped_column(String(32))
+    on_failure: Mapped[str] = mapped_column(String(8))
+    require_approval: Mapped[bool] = mapped_column(Boolean, default=False)
+    selector: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    gates: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Frames per shadow report the devices are asked for.
+    shadow_frames: Mapped[int] = mapped_column(Integer)
+    current_wave: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # A finished rollout still has work while devices move to where it left them; then it settles.
+    settled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The server replica acting on the rollout, until the lease runs out unrenewed.
+    lease_owner: Mapped[str] = mapped_column(String(128), default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class RolloutWave(Base):
+    __tablename__ = "rollout_waves"
+    __table_args__ = (Index("ix_rollout_waves_rollout_position", "rollout_id", "position", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(64))
+    percent: Mapped[float | None] = mapped_column(default=None)
+    count: Mapped[int | None] = mapped_column(default=None)
+    # Devices chosen when the wave started (late joiners of the last wave add to it).
+    target: Mapped[int] = mapped_column(Integer, default=0)
+    # pending | running | passed | failed; phase while running: shadow | switch
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    phase: Mapped[str] = mapped_column(String(16), default="")
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    # The gates as they stood when the wave passed or failed.
+    gate_results: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class RolloutDevice(Base):
+    """One device in a rollout: its wave, what the rollout wants of it, what it reported, and the
+    command ids issued to it (so a restarted controller re-sends, never re-issues)."""
+
+    __tablename__ = "rollout_devices"
+    __table_args__ = (Index("ix_rollout_devices_rollout_device", "rollout_id", "device_id", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(String(64))
+    wave: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    # shadow | switch | stop | revert (server/rollouts/plan.py)
+    goal: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    # Why the device counts as a failed install ("" = it does not).
+    failure: Mapped[str] = mapped_column(Text, default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    from_version: Mapped[int | None] = mapped_column(default=None)
+    update_state: Mapped[str] = mapped_column(String(32), default="")
+    rollback_state: Mapped[str] = mapped_column(String(32), default="")
+    deploy_command_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    promote_command_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    abort_command_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    rollback_command_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    assigned_at: Mapped[datetime] = mapped_column(default=utcnow)
+    progress_at: Mapped[datetime] = mapped_column(default=utcnow)
+    shadow_started_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RolloutCommand(Base):
+    """Every command a rollout issued, as sent (an outbox): published after its row commits,
+    re-published (same bytes) while its effect is not seen."""
+
+    __tablename__ = "rollout_commands"
+    __table_args__ = (Index("ix_rollout_commands_rollout_published", "rollout_id", "published_at"),)
+
+    command_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(String(64))
+    wave: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    kind: Mapped[str] = mapped_column(String(16))  # deploy | promote | abort | rollback
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # None: to be published (first time, or again).
+    published_at: Mapped[datetime | None] = mapped_column(default=None)
+    sends: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class RolloutShadowReport(Base):
+    """One shadow window a rollout device reported (the message id makes a redelivery a no-op)."""
+
+    __tablename__ = "rollout_shadow_reports"
+
+    msg_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(String(64))
+    deploy_command_id: Mapped[str] = mapped_column(String(64), index=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    window: Mapped[int] = mapped_column(Integer, default=0)
+    frames: Mapped[int] = mapped_column(Integer, default=0)
+    frames_dropped: Mapped[int] = mapped_column(Integer, default=0)
+    frames_skipped_budget: Mapped[int] = mapped_column(Integer, default=0)
+    agreement: Mapped[float | None] = mapped_column(default=None)
+    confident_agreement: Mapped[float | None] = mapped_column(default=None)
+    corrected_frames: Mapped[int] = mapped_column(Integer, default=0)
+    active_accuracy: Mapped[float | None] = mapped_column(default=None)
+    candidate_accuracy: Mapped[float | None] = mapped_column(default=None)
+    active_latency_ms_p99: Mapped[float | None] = mapped_column(default=None)
+    candidate_latency_ms_p99: Mapped[float | None] = mapped_column(default=None)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class DriftReference(Base):
     """A model version's drift reference: its training data's statistics (JSON in the object store)."""
 

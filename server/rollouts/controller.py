@@ -1,0 +1,635 @@
+"""The rollout controller: an idempotent reconciler.
+
+Every pass, for each rollout that still has work, it reads the rollout, its waves and devices and
+their reports from the database, decides with the pure rules of plan.py and gates.py, and writes
+down each command it issues (an outbox row with the exact payload, and the command id on the
+device's row) in the same transaction. Only after that commits are the commands published, one
+MQTT QoS 1 message per device; paho queues them, so no device is ever waited on. A command whose
+effect the device has not reported after ``resend_seconds`` is published again, byte for byte
+(devices ignore a command id they already carried out). Nothing lives only in memory: a
+restarted server re-reads the rows and carries on from exactly where the last pass left off.
+
+Replicas: each pass over a rollout first takes its lease (a conditional UPDATE of the owner and
+expiry on the rollout row, which is atomic on SQLite as on PostgreSQL; on PostgreSQL the row is
+also taken with ``SELECT ... FOR UPDATE SKIP LOCKED``, so a replica never even waits for another
+one's pass). Only the lease holder decides and publishes; another replica takes over once the
+lease runs out unrenewed (a crashed holder) or is released (a clean shutdown).
+
+Device reports reach the controller through :meth:`RolloutController.observe` (called by ingest,
+on every replica): it records a device's OTA state and shadow windows against the command ids
+and nudges the loop. It only writes columns the reconciler never writes, so the two cannot lose
+each other's updates.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from protocol import Channel, decode_message, device_topic, encode_message
+from protocol.alerts import AlertKind, Severity
+from protocol.messages import AbortCommand, PromoteCommand, ShadowReport, StatusMessage, UpdateEvent
+from server import audit, metrics
+from server.db.models import (
+    Deployment,
+    Device,
+    ModelVersion,
+    Rollout,
+    RolloutCommand,
+    RolloutDevice,
+    RolloutShadowReport,
+    RolloutWave,
+    utcnow,
+)
+from server.deploy import bundle_url, deploy_command, rollback_command
+from server.fleet import device_query
+from server.rollouts import plan
+from server.rollouts.evidence import facts, shadow_totals, wave_verdict
+from server.rollouts.gates import Verdict
+from server.rollouts.spec import Selector
+
+log = structlog.get_logger(__name__)
+
+ACTOR = "rollout-controller"
+# Agent states in which a new deploy is accepted (edge_agent/ota/states.py RESTING; "" = never updated).
+_RESTING = frozenset({"", "IDLE", "ACTIVE", "REJECTED", "ROLLED_BACK", "FAILED"})
+
+
+@dataclass
+class _Pass:
+    """What one pass over one rollout did, for what happens after its commit."""
+
+    acted: bool = False
+    alerts: list[tuple[str, dict]] = field(default_factory=list)
+    waves: list[tuple[str, str, list[dict]]] = field(default_factory=list)  # name, state, gates
+    finished_at: datetime | None = None
+
+
+class RolloutController:
+    def __init__(self, sessions: sessionmaker[Session], store, bus: Callable[[], object | None], signing_key,
+                 policy, *, presign_seconds: int, alerts=None, owner: str | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self._sessions = sessions
+        self._store = store
+        self._bus = bus
+        self._key = signing_key
+        self.policy = policy
+        self._presign = presign_seconds
+        self._alerts = alerts
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._clock = clock
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._exported: dict[int, datetime | None] = {}  # rollouts with Prometheus series -> finished_at
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="rollout-controller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        self.release_leases()
+
+    def nudge(self) -> None:
+        """Run a pass soon (a device reported, an operator acted)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.reconcile_all()
+            except Exception:  # a database hiccup must not end the loop
+                log.exception("rollout.pass_failed")
+            self._wake.wait(self.policy.reconcile_seconds)
+            self._wake.clear()
+            self._stop.wait(0.1)  # a burst of reports makes one pass, not one each
+
+    def release_leases(self) -> None:
+        with self._sessions() as session:
+            session.execute(update(Rollout).where(Rollout.lease_owner == self.owner)
+                            .values(lease_owner="", lease_expires_at=None))
+            session.commit()
+
+    # ------------------------------------------------------------------ device reports (ingest hook)
+
+    def observe(self, message) -> None:
+        try:
+            if isinstance(message, UpdateEvent):
+                self._record_update(message)
+            elif isinstance(message, ShadowReport):
+                self._record_shadow(message)
+            elif not isinstance(message, StatusMessage):
+                return
+        except Exception:  # never let a report break ingest
+            log.exception("rollout.observe_failed", device=message.device_id)
+        self.nudge()
+
+    def _record_update(self, m: UpdateEvent) -> None:
+        now = self._clock()
+        with self._sessions() as session:
+            dev = session.scalar(select(RolloutDevice).where(or_(
+                RolloutDevice.deploy_command_id == m.update_id, RolloutDevice.rollback_command_id == m.update_id)))
+            if dev is None or dev.device_id != m.device_id:
+                return
+            if m.update_id == dev.rollback_command_id:
+                if m.event == "rollback_refused":
+                    dev.reason = m.reason  # sent again while the device still runs the candidate
+                else:
+                    dev.rollback_state = m.to_state
+                    dev.reason = m.reason
+            else:
+                dev.update_state = m.to_state
+                dev.reason = m.reason
+                if m.to_state == "SHADOWING" and dev.shadow_started_at is None:
+                    dev.shadow_started_at = now
+            dev.progress_at = dev.updated_at = now
+            session.commit()
+
+    def _record_shadow(self, m: ShadowReport) -> None:
+        now = self._clock()
+        with self._sessions() as session:
+            dev = session.scalar(select(RolloutDevice).where(RolloutDevice.deploy_command_id == m.update_id))
+            if dev is None or dev.device_id != m.device_id or session.get(RolloutShadowReport, m.msg_id):
+                return
+            session.add(RolloutShadowReport(
+                msg_id=m.msg_id, rollout_id=dev.rollout_id, device_id=m.device_id, deploy_command_id=m.update_id,
+                received_at=now, window=m.window, frames=m.frames_compared, frames_dropped=m.frames_dropped,
+                frames_skipped_budget=m.frames_skipped_budget, agreement=m.agreement,
+                confident_agreement=m.confident_agreement,
+                corrected_frames=m.corrected_frames, active_accuracy=m.active_accuracy,
+                candidate_accuracy=m.candidate_accuracy, active_latency_ms_p99=m.active_latency_ms_p99,
+                candidate_latency_ms_p99=m.candidate_latency_ms_p99, errors=m.errors))
+            dev.progress_at = dev.updated_at = now
+            try:
+                session.commit()
+            except IntegrityError:  # the same report, redelivered to another replica at the same time
+                session.rollback()
+
+    # ------------------------------------------------------------------ reconcile
+
+    def reconcile_all(self) -> int:
+        """One pass over every rollout with work left; returns how many this replica acted on."""
+        with self._sessions() as session:
+            ids = session.scalars(select(Rollout.id).where(
+                or_(Rollout.state.in_(plan.ACTIVE), Rollout.settled.is_(False))).order_by(Rollout.id)).all()
+        acted = 0
+        for rollout_id in ids:
+            if self._stop.is_set():
+                break
+            try:
+                acted += self.reconcile(rollout_id)
+            except Exception:
+                log.exception("rollout.reconcile_failed", rollout=rollout_id)
+        self._forget_old_metrics()
+        return acted
+
+    def reconcile(self, rollout_id: int) -> bool:
+        """One pass over one rollout, if this replica holds (or takes) its lease."""
+        now = self._clock()
+        with self._sessions() as session:
+            if not self._acquire(session, rollout_id, now):
+                return False
+            rollout = session.get(Rollout, rollout_id, populate_existing=True)
+            step = _Step(self, session, rollout, now)
+            step.run()
+            session.commit()
+            done = step.outcome
+            done.finished_at = rollout.finished_at if rollout.settled else None
+        self._after(rollout_id, done)
+        self._publish(rollout_id)
+        return True
+
+    def _acquire(self, session: Session, rollout_id: int, now: datetime) -> bool:
+        if session.get_bind().dialect.name == "postgresql":
+            row = session.execute(select(Rollout.id).where(Rollout.id == rollout_id)
+                                  .with_for_update(skip_locked=True)).first()
+            if row is None:
+                return False  # another replica is in a pass over it right now
+        # First statement of the transaction on SQLite: it takes the write lock before any read.
+        result = session.execute(
+            update(Rollout)
+            .where(Rollout.id == rollout_id,
+                   or_(Rollout.lease_owner == self.owner, Rollout.lease_owner == "",
+                       Rollout.lease_expires_at.is_(None), Rollout.lease_expires_at < now))
+            .values(lease_owner=self.owner, lease_expires_at=now + timedelta(seconds=self.policy.lease_seconds))
+            .execution_options(synchronize_session=False))
+        if result.rowcount != 1:
+            session.rollback()
+            return False
+        return True
+
+    def _after(self, rollout_id: int, done: _Pass) -> None:
+        for name, state, gates in done.waves:
+            metrics.set_wave_state(rollout_id, name, state)
+            for g in gates:
+                if g.get("value") is not None:
+                    metrics.set_gate(rollout_id, name, g["name"], float(g["value"]), g.get("threshold"),
+                                     g.get("passed"))
+        self._exported[rollout_id] = done.finished_at
+        if self._alerts is not None:
+            for message, details in done.alerts:
+                try:
+                    self._alerts.raise_alert(AlertKind.ROLLOUT, Severity.CRITICAL, message,
+                                             subject=f"rollout:{rollout_id}", details=details)
+                except Exception:
+                    log.exception("rollout.alert_failed", rollout=rollout_id)
+
+    def _forget_old_metrics(self) -> None:
+        cutoff = self._clock() - timedelta(seconds=self.policy.metrics_retention_seconds)
+        for rollout_id, finished in list(self._exported.items()):
+            if finished is not None and finished < cutoff:
+                metrics.forget_rollout(rollout_id)
+                del self._exported[rollout_id]
+
+    def _publish(self, rollout_id: int) -> int:
+        """Publish the rollout's commands not published yet (or due again); never waits for a device."""
+        bus = self._bus()
+        if bus is None:
+            return 0
+        sent = 0
+        with self._sessions() as session:
+            rows = session.scalars(select(RolloutCommand).where(
+                RolloutCommand.rollout_id == rollout_id, RolloutCommand.published_at.is_(None))
+                .order_by(RolloutCommand.created_at, RolloutCommand.command_id)).all()
+            for row in rows:
+                try:
+                    command = decode_message(device_topic(row.device_id, Channel.COMMANDS), row.payload.encode())
+                    bus.publish_command(row.device_id, command)
+                except Exception as exc:  # broker unreachable: the next pass tries again
+                    log.warning("rollout.publish_failed", command=row.command_id, device=row.device_id,
+                                error=str(exc))
+                    break
+                row.published_at, row.sends = self._clock(), row.sends + 1
+                metrics.DEPLOY_COMMANDS.labels(mode=f"rollout_{row.kind}").inc()
+                sent += 1
+            session.commit()
+        if sent:
+            log.info("rollout.published", rollout=rollout_id, commands=sent)
+        return sent
+
+
+def make_rollout_controller(ctx, signing_key) -> RolloutController:
+    """The controller of ``create_app``'s context (the bus is read at each publish: it may come later)."""
+    s = ctx.settings
+    return RolloutController(ctx.sessions, ctx.store, lambda: ctx.bus, signing_key, s.rollouts,
+                             presign_seconds=s.presign_seconds, alerts=ctx.alerts)
+
+
+class _Step:
+    """One pass over one rollout, inside its lease's transaction."""
+
+    def __init__(self, controller: RolloutController, session: Session, rollout: Rollout, now: datetime) -> None:
+        self.c = controller
+        self.policy = controller.policy
+        self.session = session
+        self.rollout = rollout
+        self.now = now
+        self.outcome = _Pass()
+        self.waves = list(session.scalars(select(RolloutWave).where(RolloutWave.rollout_id == rollout.id)
+                                          .order_by(RolloutWave.position)))
+        self.devices = list(session.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)
+                                            .order_by(RolloutDevice.id)))
+        self._mv: ModelVersion | None = None
+        self._url: str | None = None
+        self._verdicts: dict[int, Verdict] = {}
+        self._offline: int | None = None  # what the wave's top-up found offline in this pass
+
+    # -------------------------------------------------------------- the pass
+
+    def run(self) -> None:
+        r = self.rollout
+        before = (r.state, r.current_wave, [(w.state, w.phase) for w in self.waves])
+        self._observe()
+        if r.state == plan.PENDING:
+            self._set_state(plan.AWAITING_APPROVAL if r.require_approval else plan.RUNNING)
+        if r.state == plan.RUNNING:
+            self._timeouts()
+            self._run_wave()
+        if r.state == plan.ABORTED:
+            self._wind_down(plan.STOP)
+        elif r.state == plan.ROLLED_BACK:
+            self._wind_down(plan.REVERT)
+        self._issue_commands()
+        self._resend()
+        self._settle()
+        after = (r.state, r.current_wave, [(w.state, w.phase) for w in self.waves])
+        if before != after or self.outcome.acted:
+            r.updated_at = self.now
+        self._export()
+
+    def _set_state(self, state: str, reason: str | None = None) -> None:
+        r = self.rollout
+        log.info("rollout.state", rollout=r.id, transition=f"{r.state}->{state}", reason=reason)
+        r.state = state
+        if reason is not None:
+            r.reason = reason[:4000]
+        if state in plan.FINISHED and r.finished_at is None:
+            r.finished_at = self.now
+
+    def _wave_devices(self, position: int) -> list[RolloutDevice]:
+        return [d for d in self.devices if d.wave == position]
+
+    # -------------------------------------------------------------- devices
+
+    def _observe(self) -> None:
+        """Device states from what they reported; failures their reports show."""
+        for dev in self.devices:
+            if not dev.failure:
+                failure = plan.observed_failure(facts(dev))
+                if failure:
+                    dev.failure = failure[:4000]
+                    log.warning("rollout.device_failed", rollout=self.rollout.id, device=dev.device_id,
+                                failure=failure)
+            self._refresh(dev)
+
+    def _refresh(self, dev: RolloutDevice) -> None:
+        state = plan.device_state(facts(dev))
+        if dev.state != state:
+            dev.state, dev.updated_at = state, self.now
+
+    def _stale(self, dev: RolloutDevice) -> bool:
+        return (self.now - dev.progress_at).total_seconds() > self.policy.device_timeout_seconds
+
+    def _timeouts(self) -> None:
+        """A device making no progress counts as failed and is stopped, so it never holds its wave."""
+        for dev in self._wave_devices(self.rollout.current_wave):
+            if dev.goal in (plan.SHADOW, plan.SWITCH) and not dev.failure and dev.state in (
+                    plan.D_PENDING, plan.D_DEPLOYING, plan.D_SHADOWING, plan.D_PROMOTING) and self._stale(dev):
+                dev.failure = (f"no progress for {self.policy.device_timeout_seconds:.0f} s "
+                               f"(last state {dev.update_state or 'none reported'})")
+                dev.goal = plan.STOP
+                dev.progress_at = self.now  # the abort gets its own time to be confirmed
+                log.warning("rollout.device_timeout", rollout=self.rollout.id, device=dev.device_id)
+
+    def _eligible(self) -> list[tuple[plan.Candidate, Device]]:
+        """Devices the selector matches that may join a wave now: online, on an older version (or
+        none), not in the middle of an update, in no unsettled rollout (this one included)."""
+        r = self.rollout
+        sel = Selector.model_validate(r.selector)
+        query = device_query(groups=sel.groups, tags=sel.tags, gpu_compute_capability=sel.gpu_compute_capability,
+                             tensorrt_version=sel.tensorrt_version, revoked=False)
+        if sel.devices:
+            query = query.where(Device.id.in_(sel.devices))
+        busy = (select(RolloutDevice.device_id).join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+                .where(Rollout.settled.is_(False)))
+        query = query.where(Device.id.not_in(busy))
+        out = []
+        for d in self.session.scalars(query):
+            if (d.active_version is None or d.active_version < r.version) and (d.update_state or "") in _RESTING:
+                out.append((plan.Candidate(d.id, bool(d.online), d.active_version), d))
+        return out
+
+    def _top_up(self, wave: RolloutWave) -> int:
+        """Bring the wave to its size: at its start, and as devices enroll or come online. Returns
+        how many of the devices it still wants are offline (it may wait for them if it has none)."""
+        pool = self._eligible()
+        if not pool:
+            return 0
+        before = sum(1 for d in self.devices if d.wave < wave.position)
+        in_wave = len(self._wave_devices(wave.position))
+        n = plan.wave_quota(wave.percent, wave.count, len(self.devices) + len(pool), before, in_wave)
+        last = wave.position == len(self.waves) - 1
+        candidates = [c for c, _ in pool]
+        chosen = set(plan.choose(candidates, n, last_wave=last))
+        offline = len(plan.choose([replace(c, online=True) for c in candidates], n, last_wave=last)) - len(chosen)
+        if not chosen:
+            return offline
+        goal = plan.SHADOW if wave.phase == plan.PHASE_SHADOW else plan.SWITCH
+        for candidate, device in pool:
+            if candidate.device_id in chosen:
+                dev = RolloutDevice(rollout_id=self.rollout.id, device_id=device.id, wave=wave.position,
+                                    attempt=wave.attempt, goal=goal, state=plan.D_PENDING,
+                                    from_version=device.active_version, assigned_at=self.now,
+                                    progress_at=self.now, updated_at=self.now)
+                self.session.add(dev)
+                self.devices.append(dev)
+        wave.target = in_wave + len(chosen)
+        self.outcome.acted = True
+        log.info("rollout.devices_joined", rollout=self.rollout.id, wave=wave.name, devices=sorted(chosen))
+        return offline
+
+    # -------------------------------------------------------------- waves
+
+    def _first_phase(self) -> str:
+        return plan.PHASE_SHADOW if self.rollout.mode == "shadow_then_switch" else plan.PHASE_SWITCH
+
+    def _start_wave(self, wave: RolloutWave) -> None:
+        wave.state, wave.phase, wave.started_at = plan.WAVE_RUNNING, self._first_phase(), self.now
+        wave.reason, wave.gate_results = "", []
+        self._offline = self._top_up(wave)
+        audit.record(self.session, ACTOR, "rollout.wave_start", f"rollout:{self.rollout.id}",
+                     wave=wave.name, devices=[d.device_id for d in self._wave_devices(wave.position)],
+                     attempt=wave.attempt, owner=self.c.owner)
+
+    def _retry_wave(self, wave: RolloutWave) -> None:
+        """An operator resumed after the wave failed: once its devices are back, it runs again."""
+        devices = self._wave_devices(wave.position)
+        if not all(plan.settled(facts(d)) or (d.failure and self._stale(d)) for d in devices):
+            return
+        wave.attempt += 1
+        current = {d.id: d.active_version for d in self.session.scalars(
+            select(Device).where(Device.id.in_([d.device_id for d in devices])))}
+        for dev in devices:
+            dev.attempt, dev.goal, dev.failure, dev.reason = wave.attempt, plan.SHADOW, "", ""
+            if self._first_phase() == plan.PHASE_SWITCH:
+                dev.goal = plan.SWITCH
+            dev.update_state = dev.rollback_state = ""
+            dev.deploy_command_id = dev.promote_command_id = dev.abort_command_id = dev.rollback_command_id = None
+            dev.shadow_started_at = None
+            dev.from_version = current.get(dev.device_id, dev.from_version)
+            dev.progress_at = dev.updated_at = self.now
+            self._refresh(dev)
+        self._start_wave(wave)
+
+    def _run_wave(self) -> None:
+        r = self.rollout
+        if r.current_wave >= len(self.waves):
+            self._set_state(plan.SUCCEEDED, "every wave passed")
+            return
+        wave = self.waves[r.current_wave]
+        self._offline = None
+        if wave.state == plan.WAVE_PENDING:
+            self._start_wave(wave)
+        elif wave.state == plan.WAVE_FAILED:
+            self._retry_wave(wave)
+        if wave.state != plan.WAVE_RUNNING:
+            return
+        offline = self._top_up(wave) if self._offline is None else self._offline  # not twice in one pass
+        devices = self._wave_devices(wave.position)
+        if not devices and offline:
+            # The devices it should take are offline: an empty wave must not pass for a judged one.
+            wave.reason = f"waiting for {offline} matching device(s) to come online"
+            return
+        if wave.reason.startswith("waiting for"):
+            wave.reason = ""
+        verdict = wave_verdict(r, wave, devices, shadow_totals(self.session, devices), self.now)
+        self._verdicts[wave.position] = verdict
+        if verdict.outcome == "fail":
+            self._fail_wave(wave, verdict)
+        elif verdict.outcome == "pass" and wave.phase == plan.PHASE_SHADOW:
+            wave.phase = plan.PHASE_SWITCH
+            wave.gate_results = [g.as_dict() for g in verdict.gates]
+            for dev in devices:
+                if not dev.failure:
+                    dev.goal = plan.SWITCH
+            audit.record(self.session, ACTOR, "rollout.wave_promote", f"rollout:{r.id}", wave=wave.name,
+                         verdict=verdict.reason, gates=wave.gate_results, owner=self.c.owner)
+            log.info("rollout.wave_promote", rollout=r.id, wave=wave.name, reason=verdict.reason)
+        elif verdict.outcome == "pass":
+            self._pass_wave(wave, verdict)
+
+    def _pass_wave(self, wave: RolloutWave, verdict: Verdict) -> None:
+        r = self.rollout
+        wave.state, wave.finished_at, wave.reason = plan.WAVE_PASSED, self.now, verdict.reason
+        switch = [g.as_dict() for g in verdict.gates]
+        names = {g["name"] for g in switch}
+        wave.gate_results = [g for g in wave.gate_results if g["name"] not in names] + switch
+        audit.record(self.session, ACTOR, "rollout.wave_pass", f"rollout:{r.id}", wave=wave.name,
+                     verdict=verdict.reason, owner=self.c.owner)
+        log.info("rollout.wave_pass", rollout=r.id, wave=wave.name, reason=verdict.reason)
+        r.current_wave += 1
+        if r.current_wave >= len(self.waves):
+            self._set_state(plan.SUCCEEDED, f"every wave passed (last: {wave.name}: {verdict.reason})")
+            return
+        following = self.waves[r.current_wave]
+        if r.require_approval:
+            self._set_state(plan.AWAITING_APPROVAL,
+                            f"wave {wave.name} passed; waiting for approval to start wave {following.name}")
+            return
+        self._start_wave(following)
+        self._run_wave()
+
+    def _fail_wave(self, wave: RolloutWave, verdict: Verdict) -> None:
+        r = self.rollout
+        wave.state, wave.finished_at, wave.reason = plan.WAVE_FAILED, self.now, verdict.reason
+        wave.gate_results = ([g for g in wave.gate_results if g["name"] not in {x.name for x in verdict.gates}]
+                             + [g.as_dict() for g in verdict.gates])
+        for dev in self._wave_devices(wave.position):
+            dev.goal = plan.REVERT
+        state = plan.PAUSED if r.on_failure == "pause" else plan.ABORTED
+        reason = f"wave {wave.name} failed its gates: {verdict.reason}"
+        self._set_state(state, reason)
+        audit.record(self.session, ACTOR, "rollout.wave_fail", f"rollout:{r.id}", wave=wave.name,
+                     verdict=verdict.reason, gates=wave.gate_results, then=state, owner=self.c.owner)
+        self.outcome.alerts.append((
+            f"rollout {r.id} of version {r.version}: {reason}; its devices go back to their previous "
+            f"version, the rollout is {state}", {"rollout": r.id, "version": r.version, "wave": wave.name,
+                                                   "gates": wave.gate_results}))
+
+    def _wind_down(self, goal: str) -> None:
+        """Aborted: nothing new starts serving. Rolled back: every device goes back."""
+        for dev in self.devices:
+            if goal == plan.REVERT and dev.goal != plan.REVERT:
+                dev.goal = plan.REVERT
+            elif goal == plan.STOP and dev.goal in (plan.SHADOW, plan.SWITCH):
+                dev.goal = plan.STOP
+        for wave in self.waves:
+            if wave.state == plan.WAVE_RUNNING:
+                wave.state, wave.finished_at = plan.WAVE_FAILED, self.now
+                wave.reason = self.rollout.reason or f"rollout {self.rollout.state}"
+
+    # -------------------------------------------------------------- commands
+
+    def _version(self) -> ModelVersion:
+        if self._mv is None:
+            self._mv = self.session.get(ModelVersion, self.rollout.version)
+            self._url, _ = bundle_url(self.c._store, self._mv, self.c._presign)
+        return self._mv
+
+    def _issue_commands(self) -> None:
+        running = self.rollout.state == plan.RUNNING
+        for dev in self.devices:
+            kind = plan.next_command(facts(dev))
+            if kind is None or (kind in (plan.DEPLOY, plan.PROMOTE) and not running):
+                continue
+            self._issue(dev, kind)
+
+    def _issue(self, dev: RolloutDevice, kind: str) -> None:
+        r = self.rollout
+        reason = r.reason or f"rollout {r.id}"
+        deployment_mode = None
+        if kind == plan.DEPLOY:
+            mv = self._version()
+            command = deploy_command(dev.device_id, mv, self._url, mode=r.mode, shadow_frames=r.shadow_frames,
+                                     rollout_id=str(r.id), await_promotion=r.mode == "shadow_then_switch")
+            dev.deploy_command_id, deployment_mode = command.command_id, r.mode
+        elif kind == plan.PROMOTE:
+            command = PromoteCommand(device_id=dev.device_id, version=r.version)
+            dev.promote_command_id = command.command_id
+        elif kind == plan.ABORT:
+            command = AbortCommand(device_id=dev.device_id, version=r.version, reason=reason[:2000])
+            dev.abort_command_id = command.command_id
+        else:
+            target = self.session.get(ModelVersion, dev.from_version)
+            url, expires_at = (bundle_url(self.c._store, target, self.c._presign) if target and target.bundle_key
+                               else (None, self.now + timedelta(seconds=self.c._presign)))
+            command = rollback_command(dev.device_id, dev.from_version, self.c._key, reason=reason,
+                                       expires_at=expires_at, mv=target if url else None, url=url)
+            dev.rollback_command_id, deployment_mode = command.command_id, "rollback"
+        self.session.add(RolloutCommand(command_id=command.command_id, rollout_id=r.id, device_id=dev.device_id,
+                                        wave=dev.wave, attempt=dev.attempt, kind=kind,
+                                        payload=encode_message(command).decode(), created_at=self.now))
+        if deployment_mode is not None:  # also listed under /deployments, its state kept by ingest
+            self.session.add(Deployment(device_id=dev.device_id, command_id=command.command_id,
+                                        version=command.version if kind == plan.DEPLOY else dev.from_version,
+                                        mode=deployment_mode, reason=f"rollout {r.id}"))
+        dev.progress_at = dev.updated_at = self.now
+        self._refresh(dev)
+        self.outcome.acted = True
+        log.info("rollout.command", rollout=r.id, device=dev.device_id, kind=kind, command=command.command_id)
+
+    def _resend(self) -> None:
+        """Publish again what a device has not acted on (it may have missed it; duplicates are ignored)."""
+        sent = {row.command_id: row for row in self.session.scalars(select(RolloutCommand).where(
+            RolloutCommand.rollout_id == self.rollout.id, RolloutCommand.published_at.is_not(None)))}
+        if not sent:
+            return
+        online = dict(self.session.execute(select(Device.id, Device.online).where(
+            Device.id.in_([d.device_id for d in self.devices]))).all())
+        for dev in self.devices:
+            if not online.get(dev.device_id):
+                continue  # its broker session keeps what was sent; nothing to add while it is away
+            f = facts(dev)
+            for kind, command_id in ((plan.DEPLOY, dev.deploy_command_id), (plan.PROMOTE, dev.promote_command_id),
+                                     (plan.ABORT, dev.abort_command_id), (plan.ROLLBACK, dev.rollback_command_id)):
+                row = sent.get(command_id) if command_id else None
+                if row is None or not plan.worth_resending(kind, f):
+                    continue
+                if (row.sends < self.policy.max_sends
+                        and (self.now - row.published_at).total_seconds() >= self.policy.resend_seconds):
+                    row.published_at = None
+                    log.info("rollout.resend", rollout=self.rollout.id, device=dev.device_id, kind=kind,
+                             sends=row.sends)
+
+    def _settle(self) -> None:
+        r = self.rollout
+        if r.state in plan.FINISHED and not r.settled and all(
+                plan.settled(facts(d)) or self._stale(d) for d in self.devices):
+            r.settled = True
+            log.info("rollout.settled", rollout=r.id, state=r.state)
+
+    # -------------------------------------------------------------- metrics
+
+    def _export(self) -> None:
+        for wave in self.waves:
+            verdict = self._verdicts.get(wave.position)
+            gates = [g.as_dict() for g in verdict.gates] if verdict is not None else list(wave.gate_results)
+            self.outcome.waves.append((wave.name, wave.state, gates))
+
