@@ -152,14 +152,15 @@ class StatsAccumulator:
         self._images.append(tuple(values))
         self.image_frames += 1
 
-    def add_detections(self, classes: Iterable[int], confidences: Iterable[float]) -> None:
+    def add_detections(self, classes: Sequence[int], confidences: Sequence[float]) -> None:
         """One frame's detections (an empty frame counts: it is a 0 in ``detections_per_frame``)."""
-        classes, confidences = list(classes), list(confidences)
-        self._cls.extend(classes)
-        self._conf.extend(confidences)
-        self._per_frame.append(len(classes))
+        n = len(classes)
+        if n:
+            self._cls.extend(classes)
+            self._conf.extend(confidences)
+            self.detections += n
+        self._per_frame.append(n)
         self.frames += 1
-        self.detections += len(classes)
         if len(self._per_frame) >= self._fold_every or len(self._images) >= self._fold_every:
             self._fold()
 

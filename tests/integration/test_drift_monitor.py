@@ -227,10 +227,12 @@ def test_base_line_raises_no_alarm_over_a_long_run(server, detector):
         pool.append((image_stats(image), [d.cls for d in dets], [d.conf for d in dets]))
     rng = np.random.default_rng(0)
     state, alarms, windows = SubjectState(), 0, 300
+    every = DriftSettings().image_every  # as the agent's window samples image statistics
     for _ in range(windows):
         acc = StatsAccumulator(3)
-        for i in rng.integers(0, len(pool), WINDOW):
-            acc.add_image_stats(pool[i][0])
+        for n, i in enumerate(rng.integers(0, len(pool), WINDOW)):
+            if n % every == 0:
+                acc.add_image_stats(pool[i][0])
             acc.add_detections(pool[i][1], pool[i][2])
         verdict = evaluate(state, Window(frames=acc.frames, histograms=acc.histograms()), version, components,
                            ctx.settings.drift)
