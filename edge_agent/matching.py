@@ -173,6 +173,23 @@ def agreement_counts(
     return agreed, total
 
 
+def confident_agreement_counts(
+    active: Sequence[Detection],
+    candidate: Sequence[Detection],
+    iou: float = DEFAULT_IOU,
+    min_conf: float = DEFAULT_AGREEMENT_MIN_CONF,
+) -> tuple[int, int]:
+    """``(found, confident)``: the active model's confident boxes, and how many of them the candidate
+    also found (same class, IoU >= ``iou``, any confidence; one-to-one). Boxes only the candidate
+    reports do not count: where the active model is not confident, corrected labels judge."""
+    _check_iou(iou)
+    strong = [d for d in active if d.conf >= min_conf]
+    if not strong:
+        return 0, 0
+    result = match(list(candidate), strong, iou=iou, same_class=True)
+    return len(result.pairs), len(strong)
+
+
 def agreement(
     active: Sequence[Detection],
     candidate: Sequence[Detection],

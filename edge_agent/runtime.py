@@ -103,6 +103,7 @@ class Agent:
         self.active_version: int | None = None
         self.shadow: ShadowRunner | None = None
         self.shadow_detector = None
+        self._shadow_window = 0  # index of the shadow window being reported (a rollout's hold reports many)
         self.latency = LatencyWindow()
         self.frames = 0
         self._frames_at_last_beat = 0
@@ -205,7 +206,8 @@ class Agent:
             if self.updater.state in ABORTABLE:
                 self._end_shadow()
                 self.updater.abort(command.reason or "aborted by the server")
-        elif isinstance(command, PromoteCommand) and self.updater.state is State.SHADOWING:
+        elif (isinstance(command, PromoteCommand) and self.updater.state is State.SHADOWING
+              and command.version == self.updater.record.version):
             self._end_shadow()
             self._promote(Event.SHADOW_PASSED, "promoted by the server")
         elif isinstance(command, RollbackCommand):
@@ -292,6 +294,7 @@ class Agent:
                 if candidate is None:
                     return
                 self.shadow_detector = candidate
+                self._shadow_window = 0
                 self.shadow = self._shadow_runner(candidate)
                 self.updater.transition(Event.START_SHADOW, f"shadowing {rec.shadow_frames} frames")
         elif state is State.SHADOWING:
@@ -336,13 +339,21 @@ class Agent:
         rec = self.updater.record
         self.mqtt.publish(ShadowReport(device_id=self.device_id, update_id=rec.update_id,
                                        active_version=self.active_version, candidate_version=rec.version,
-                                       window=0, **report))
-        self._end_shadow()
+                                       window=self._shadow_window, **report))
         failure = shadow_gate_failure(report, self.settings.shadow_max_errors, self.settings.shadow_accuracy_tolerance)
         if failure:
+            self._end_shadow()
             self.updater.transition(Event.SHADOW_FAILED, f"{failure} ({_describe(report)})")
             self.updater.discard_candidate()
             return
+        if rec.await_promotion:
+            # A rollout's gates are the server's decision: keep shadowing with the candidate loaded and
+            # report a fresh window each time, until its PromoteCommand or AbortCommand arrives.
+            self._shadow_window += 1
+            self.shadow.close()
+            self.shadow = self._shadow_runner(self.shadow_detector)
+            return
+        self._end_shadow()
         self._promote(Event.SHADOW_PASSED, _describe(report))
 
     def _switch(self) -> None:

@@ -25,7 +25,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.inference.types import Detection
-from edge_agent.matching import agreement_counts, frame_is_correct
+from edge_agent.matching import agreement_counts, confident_agreement_counts, frame_is_correct
 from edge_agent.stats import LatencyWindow
 
 log = structlog.get_logger(__name__)
@@ -115,6 +115,8 @@ class ShadowRunner:
         self.last_error = ""
         self._agreed = 0
         self._boxes = 0
+        self._confident_found = 0
+        self._confident = 0
         self._corrected = 0
         self._active_correct = 0
         self._candidate_correct = 0
@@ -170,6 +172,7 @@ class ShadowRunner:
         end = self._clock()
         if result is not None:
             agreed, total = agreement_counts(item.active, result.detections, iou=self._iou)
+            found, confident = confident_agreement_counts(item.active, result.detections, iou=self._iou)
         with self._lock:
             self._busy.busy_since = None
             self._busy.add(start, end)
@@ -180,6 +183,8 @@ class ShadowRunner:
             else:
                 self._agreed += agreed
                 self._boxes += total
+                self._confident_found += found
+                self._confident += confident
                 self._active_latency.add(item.active_latency_ms)
                 self._candidate_latency.add(result.latency_ms)
                 if item.truths is not None:
@@ -203,6 +208,7 @@ class ShadowRunner:
                 "frames_compared": self.frames,
                 "frames_dropped": self.dropped,
                 "agreement": (self._agreed / self._boxes) if self._boxes else (1.0 if self.frames else None),
+                "confident_agreement": (self._confident_found / self._confident) if self._confident else None,
                 "corrected_frames": self._corrected,
                 "active_accuracy": self._active_correct / self._corrected if self._corrected else None,
                 "candidate_accuracy": self._candidate_correct / self._corrected if self._corrected else None,

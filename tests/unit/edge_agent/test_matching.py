@@ -9,6 +9,7 @@ from edge_agent.inference.types import Detection
 from edge_agent.matching import (
     agreement,
     agreement_counts,
+    confident_agreement_counts,
     frame_accuracy,
     frame_is_correct,
     iou_matrix,
@@ -174,3 +175,14 @@ def test_agreement_prefers_pairs_of_confident_boxes():
     active = [det(0, 0, 10, 10, conf=0.9)]
     candidate = [det(0, 0, 10, 10, conf=0.1), det(0, 0, 10, 9, conf=0.8)]
     assert agreement_counts(active, candidate) == (2, 2)
+
+
+def test_confident_agreement_counts_only_the_active_models_confident_boxes():
+    active = [det(0, 0, 10, 10, conf=0.9), det(20, 20, 30, 30, conf=0.8), det(40, 40, 50, 50, conf=0.1)]
+    # The candidate finds the first (weakly), misses the second, and adds boxes of its own.
+    candidate = [det(0, 0, 10, 10, conf=0.3), det(60, 60, 70, 70, conf=0.95), det(40, 40, 50, 50, conf=0.9)]
+    assert confident_agreement_counts(active, candidate) == (1, 2)
+    # New detections where the active model saw nothing confident are not disagreements here.
+    assert confident_agreement_counts([det(0, 0, 10, 10, conf=0.1)], candidate) == (0, 0)
+    # A class change is.
+    assert confident_agreement_counts([det(0, 0, 10, 10, cls=1)], [det(0, 0, 10, 10, cls=2)]) == (0, 1)

@@ -20,6 +20,7 @@ from edge_agent.ota.states import State
 from edge_agent.runtime import Agent
 from edge_agent.settings import AgentSettings
 from firmware_bundles import TrustStore, build_bundle, generate_private_key, save_public_key, unpack_bundle
+from protocol.messages import PromoteCommand, ShadowReport
 
 
 class FakeSettings(DetectorSettings):
@@ -182,3 +183,65 @@ def test_the_loop_publishes_drift_windows_and_takes_hmi_corrections(setup, tmp_p
     assert unknown.status_code == 404
     # Frame 0's folder label (QA disagreed) once, and the HMI's correction of frame 2.
     assert agent.collector.counters()["collected"]["correction"] == 2
+
+
+def test_a_rollout_deploy_holds_in_shadow_reporting_windows_until_the_server_promotes(tmp_path) -> None:
+    key = generate_private_key()
+    save_public_key(key.public_key(), tmp_path / "signing.pub.pem")
+    trust = TrustStore.from_path(tmp_path / "signing.pub.pem")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(frames / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    data = tmp_path / "agent"
+    slots = ModelSlots(data / "models")
+    for version in (1, 2):
+        model = tmp_path / f"model-{version}.onnx"
+        model.write_bytes(f"ok:{version}".encode())
+        build_bundle(tmp_path / f"b{version}.tar", {"model.onnx": model}, private_key=key, model_name="fake",
+                     version=version, class_names=["part"], input_spec=32)
+        unpack_bundle(tmp_path / f"b{version}.tar", slots.slot(version), trust)
+    slots.set_active(1)
+    slots.set_candidate(2)
+    save_record(data / "update.json", UpdateRecord(
+        update_id="u-2", version=2, state=State.STAGED, mode="shadow_then_switch", shadow_frames=5,
+        await_promotion=True, from_version=1, entries={"STAGED": 1}))
+    settings = AgentSettings(
+        device_id="cam-hold", data_dir=data, trusted_keys=tmp_path / "signing.pub.pem", source=f"folder:{frames}",
+        mqtt_host="127.0.0.1", mqtt_port=9, api_url="http://127.0.0.1:9", detector={"type": "ota-test-fake"},
+        max_fps=200, heartbeat_seconds=60, health={"window_frames": 10, "min_baseline_frames": 5},
+        shadow_max_busy_fraction=1.0)
+    agent = Agent(settings)
+    reports: list[ShadowReport] = []
+    publish = agent.mqtt.publish
+
+    def record(message) -> None:
+        if isinstance(message, ShadowReport):
+            reports.append(message)
+        publish(message)
+
+    agent.mqtt.publish = record
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+
+    def wait(what: str, condition) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
+
+    try:
+        wait("three shadow windows", lambda: len(reports) >= 3)
+        assert agent.updater.state is State.SHADOWING and agent.active_version == 1
+        assert [r.window for r in reports[:3]] == [0, 1, 2]
+        assert all(r.update_id == "u-2" and r.frames_compared >= 5 for r in reports)
+        agent.mqtt.commands.put(PromoteCommand(device_id="cam-hold", version=3))  # not what it shadows
+        held = len(reports)
+        wait("another window", lambda: len(reports) > held + 1)
+        assert agent.updater.state is State.SHADOWING
+        agent.mqtt.commands.put(PromoteCommand(device_id="cam-hold", version=2))
+        wait("the switch to version 2", lambda: agent.updater.state is State.ACTIVE)
+        assert agent.active_version == 2 and slots.active() == 2
+    finally:
+        agent.stop()
+        thread.join(20)
