@@ -179,6 +179,8 @@ def _run_loop(config, knobs, workdir, stack, seed, golden_set, shifted_set, fram
         "EDGELOOP_RETRAIN_THRESHOLD": str(knobs["threshold"]),
         "EDGELOOP_AUTO_DEPLOY": "true",
         "EDGELOOP_SHADOW_FRAMES": str(knobs["shadow_frames"]),
+        # The rollout's gates decide each wave (canary, then the fleet); a demo waits seconds, not minutes.
+        "EDGELOOP_ROLLOUT_GATES": json.dumps({"min_shadow_seconds": 5 if config.fast else 20}),
         "EDGELOOP_EVAL_SETS": json.dumps({"golden": str(golden_set.data_yaml), "shifted": str(shifted_set.data_yaml)}),
         "EDGELOOP_REPLAY_DATA": str(seed.data_yaml),
         "EDGELOOP_TRAIN_IMGSZ": str(seed.imgsz),
@@ -271,7 +273,7 @@ def _run_loop(config, knobs, workdir, stack, seed, golden_set, shifted_set, fram
         raise DemoFailed(f"retrain job #{job['id']} {job['status']}: {reason}")
     after_version = job["candidate_version"]
 
-    # -- rollout: auto-deploy in shadow, agents switch when their window passes
+    # -- rollout: canary then fleet, each wave promoted by the server when its shadow gates pass
     t0 = time.monotonic()
     progress("stage", {"stage": "rollout", "detail": f"v{after_version}: shadow then switch"})
 

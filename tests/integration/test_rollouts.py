@@ -17,7 +17,6 @@ SeaweedFS, SQLite or PostgreSQL), the rollout controller in it, and four real
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 import uuid
@@ -68,46 +67,8 @@ WAIT = 180.0
 
 # ---------------------------------------------------------------- the agent, holding for the server's decision
 
-if "await_promotion" in inspect.getsource(Agent._finish_shadow):
-    RolloutAgent = Agent
-else:
-    class RolloutAgent(Agent):
-        """``edge_agent.runtime.Agent`` with the change a rollout needs from it (proposed for
-        runtime.py; this subclass goes once runtime.py has it): after a passing shadow window of a
-        deploy with ``await_promotion``, hold in SHADOWING with the candidate loaded and report a
-        fresh window each time until the server promotes or aborts; a promotion must name the
-        version being shadowed."""
-
-        _shadow_window = 0
-
-        def _finish_shadow(self) -> None:
-            from edge_agent.ota.states import Event
-            from edge_agent.runtime import _describe, shadow_gate_failure
-
-            report = self.shadow.report()
-            rec = self.updater.record
-            self.mqtt.publish(ShadowReport(device_id=self.device_id, update_id=rec.update_id,
-                                           active_version=self.active_version, candidate_version=rec.version,
-                                           window=self._shadow_window, **report))
-            failure = shadow_gate_failure(report, self.settings.shadow_max_errors,
-                                          self.settings.shadow_accuracy_tolerance)
-            if failure:
-                self._end_shadow()
-                self.updater.transition(Event.SHADOW_FAILED, f"{failure} ({_describe(report)})")
-                self.updater.discard_candidate()
-                return
-            if rec.await_promotion:
-                self._shadow_window += 1
-                self.shadow.close()
-                self.shadow = self._shadow_runner(self.shadow_detector)
-                return
-            self._end_shadow()
-            self._promote(Event.SHADOW_PASSED, _describe(report))
-
-        def _handle_command(self, command) -> None:
-            if isinstance(command, PromoteCommand) and command.version != self.updater.record.version:
-                return
-            super()._handle_command(command)
+# The real agent: it holds in SHADOWING until the server promotes (DeployCommand.await_promotion).
+RolloutAgent = Agent
 
 
 # ---------------------------------------------------------------- models and frames
