@@ -42,8 +42,8 @@ from training.synth_source import labelled
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ADMIN = "drift-admin-" + uuid.uuid4().hex
-WINDOW = 250  # frames per device window
-BASE_WINDOWS = 4
+WINDOW = 400  # frames per device window (a quarter carry image statistics: DriftSettings.image_every)
+BASE_WINDOWS = 3
 MAX_SHIFT_WINDOWS = 6  # the policy raises after raise_after (3) windows over; one spare
 QA_SHARE = 0.4  # frames the line's QA judges (their labels stand in for QA)
 
