@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.messages import Hardware
-from protocol.topics import TopicError, validate_device_id
+from protocol.messages import DeviceId, Hardware
 
 API_PREFIX = "/api/v1"
 ENROLL_PATH = f"{API_PREFIX}/enroll"
@@ -44,17 +43,9 @@ class EnrollRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bootstrap_token: str = Field(min_length=8, max_length=256)
-    device_id: str
+    device_id: DeviceId
     hardware: Hardware | None = None
     agent_version: str = Field(default="", max_length=32)
-
-    @field_validator("device_id")
-    @classmethod
-    def _check_device_id(cls, value: str) -> str:
-        try:
-            return validate_device_id(value)
-        except TopicError as exc:
-            raise ValueError(str(exc)) from None
 
 
 class DeviceCredentials(BaseModel):

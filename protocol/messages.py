@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -35,6 +36,17 @@ class ProtocolError(ValueError):
     """A payload that is not a valid edgeloop message for its topic."""
 
 
+def _checked_device_id(value: str) -> str:
+    try:
+        return validate_device_id(value)
+    except TopicError as exc:
+        raise ValueError(str(exc)) from None
+
+
+#: A device id as the topic layout allows it (protocol.topics.validate_device_id).
+DeviceId = Annotated[str, AfterValidator(_checked_device_id)]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -47,17 +59,9 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     v: Literal[1] = PROTOCOL_VERSION
-    device_id: str
+    device_id: DeviceId
     ts: datetime = Field(default_factory=_now)
     msg_id: str = Field(default_factory=_new_id, min_length=8, max_length=64)
-
-    @field_validator("device_id")
-    @classmethod
-    def _check_device_id(cls, value: str) -> str:
-        try:
-            return validate_device_id(value)
-        except TopicError as exc:
-            raise ValueError(str(exc)) from None
 
 
 class Box(BaseModel):
