@@ -26,6 +26,7 @@ import math
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -83,11 +84,14 @@ class CorrectionApi:
     """What each request means, without sockets."""
 
     def __init__(self, collector: SampleCollector, frames: FrameBuffer, *, token: str | None,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, on_verdict: Callable[[bool], object] | None = None) -> None:
         self.collector = collector
         self.frames = frames
         self.token = token or None
         self.max_body_bytes = max_body_bytes
+        # QA's verdict on a served frame (True: the model was wrong), e.g. for the drift window's
+        # correction rate; called for every judged frame, collected or not.
+        self.on_verdict = on_verdict
 
     def authorized(self, header: str | None) -> bool:
         if self.token is None:
@@ -135,6 +139,8 @@ class CorrectionApi:
                                                     frame.model_version)
         log.info("hmi.correction", frame_id=frame.frame_id, operator=request.operator, labels=len(labels),
                  outcome=decision.outcome.value, sample_id=decision.sample_id)
+        if self.on_verdict is not None and decision.outcome is not Outcome.DISABLED:
+            self.on_verdict(decision.outcome is not Outcome.MODEL_AGREED)
         outcome = decision.outcome
         if outcome is Outcome.COLLECTED:
             return Response(202, {"status": "collected", "sample_id": decision.sample_id})
@@ -286,10 +292,10 @@ class CorrectionServer:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_settings(cls, settings: AgentSettings, collector: SampleCollector,
-                      frames: FrameBuffer) -> CorrectionServer:
+    def from_settings(cls, settings: AgentSettings, collector: SampleCollector, frames: FrameBuffer,
+                      on_verdict: Callable[[bool], object] | None = None) -> CorrectionServer:
         api = CorrectionApi(collector, frames, token=settings.hmi_token.get_secret_value() or None,
-                            max_body_bytes=settings.hmi_max_body_bytes)
+                            max_body_bytes=settings.hmi_max_body_bytes, on_verdict=on_verdict)
         return cls(api, settings.hmi_host, settings.hmi_port)
 
     @property

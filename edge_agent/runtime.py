@@ -70,7 +70,8 @@ class Agent:
         self.collector = SampleCollector.from_settings(self.spool, settings, data / "collector-quota.json")
         # Recent frames a line HMI may still correct, by frame id (only kept when the HMI is on).
         self.recent_frames = FrameBuffer(settings.frame_buffer_frames, settings.frame_buffer_max_bytes)
-        self.hmi = (CorrectionServer.from_settings(settings, self.collector, self.recent_frames)
+        self.hmi = (CorrectionServer.from_settings(settings, self.collector, self.recent_frames,
+                                                   on_verdict=self._qa_verdict)
                     if settings.hmi_port else None)
         self.reader: FrameReader | None = None
         # Input, confidence and QA statistics per window, published on the drift topic.
@@ -429,6 +430,12 @@ class Agent:
             self.baseline.add(outcome)
 
     # ------------------------------------------------------------------ drift
+
+    def _qa_verdict(self, corrected: bool) -> None:
+        """A line HMI judged a served frame (from its thread): it counts in the drift window's QA rate."""
+        window = self.drift
+        if window is not None:
+            window.add_qa(corrected)
 
     def _drift_frame(self, frame, detections) -> None:
         """Feed the drift window (one window describes one model) and publish it when complete."""

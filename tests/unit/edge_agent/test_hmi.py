@@ -54,13 +54,15 @@ class Agent:
 
     def __init__(self, root: Path, *, token: str | None = TOKEN, corrections: bool = True,
                  limits: dict | None = None, buffer_frames: int = 8) -> None:
+        self.verdicts: list[bool] = []
         self.spool = Spool(root / "spool", max_bytes=50_000_000)
         self.collector = SampleCollector(
             self.spool, corrections=corrections, low_confidence=False, low_band=(0.3, 0.6), random_rate=0.0,
             max_per_hour=1000, jpeg_quality=90, rng=random.Random(0), limits=limits,
             quota_path=root / "quota.json", dedup=NearDuplicateIndex(24, 64))
         self.frames = FrameBuffer(buffer_frames)
-        api = CorrectionApi(self.collector, self.frames, token=token, max_body_bytes=MAX_BODY)
+        api = CorrectionApi(self.collector, self.frames, token=token, max_body_bytes=MAX_BODY,
+                            on_verdict=self.verdicts.append)
         self.server = CorrectionServer(api, "127.0.0.1", 0).start()
         self.http = httpx.Client(base_url=self.server.url, timeout=10)
 
@@ -115,6 +117,15 @@ def test_correction_that_agrees_with_the_model_is_not_kept(agent: Agent) -> None
     r = agent.correct("f1", [SAME_AS_PRED])
     assert r.status_code == 200 and r.json() == {"status": "model_agreed"}
     assert agent.spool.depth() == 0
+
+
+def test_each_judged_frame_reports_qa_verdict_for_the_drift_window(agent: Agent) -> None:
+    agent.push("f1", seed=1)
+    agent.push("f2", seed=2)
+    assert agent.correct("f1", [SAME_AS_PRED]).status_code == 200
+    assert agent.correct("f2", [A_SCRATCH]).status_code == 202
+    assert agent.correct("no-such-frame", [A_SCRATCH]).status_code == 404
+    assert agent.verdicts == [False, True]  # agreed, corrected; an unknown frame was not judged
 
 
 def test_empty_labels_say_the_model_saw_something_that_is_not_there(agent: Agent) -> None:
