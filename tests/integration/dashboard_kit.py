@@ -380,7 +380,8 @@ class SimulatedDevice:
                 self._publish(ShadowReport(
                     device_id=self.device_id, update_id=shadowing, active_version=active, candidate_version=candidate,
                     window=window, frames_compared=self.window_frames, frames_dropped=0,
-                    agreement=self.agreement, corrected_frames=4, active_accuracy=0.75, candidate_accuracy=0.95,
+                    agreement=self.agreement, confident_agreement=self.agreement, corrected_frames=4,
+                    active_accuracy=0.75, candidate_accuracy=0.95,
                     active_latency_ms_p50=4.2, active_latency_ms_p99=9.5, candidate_latency_ms_p50=4.4,
                     candidate_latency_ms_p99=9.9, errors=0))
 
