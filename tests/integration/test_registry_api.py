@@ -217,4 +217,4 @@ def test_overview_shows_alerts_and_quarantined_devices_for_the_dashboard(api):
     assert overview["alerts"][0]["message"] == "v3 rejected: golden fell"
     assert overview["quarantined"] == ["cam-7"]
     page = api.get("/", headers={"Cookie": f"edgeloop_token={api.tokens[Role.VIEWER]}"})
-    assert 'id="alerts"' in page.text
+    assert 'id="tab-alerts"' in page.text and 'id="alerts-table"' in page.text
