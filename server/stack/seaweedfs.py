@@ -216,6 +216,27 @@ class SeaweedS3:
         finally:
             conn.close()
 
+    def volumes_ready(self, timeout: float = 1.0) -> bool:
+        """Whether the master knows a volume server holding every volume on disk.
+
+        After a restart S3 answers before the volume server has re-registered its volumes; a read
+        in that gap fails with InternalError, so start() waits for this too."""
+        on_disk = sum(1 for _ in self.data_dir.rglob("*.dat")) if self.data_dir.exists() else 0
+        conn = http.client.HTTPConnection(self.host, self._ports["master"], timeout=timeout)
+        try:
+            conn.request("GET", "/dir/status")
+            status = json.loads(conn.getresponse().read())
+        except (OSError, http.client.HTTPException, ValueError):
+            return False
+        finally:
+            conn.close()
+        nodes = [node for dc in (status.get("Topology") or {}).get("DataCenters") or []
+                 for rack in dc.get("Racks") or [] for node in rack.get("DataNodes") or []]
+        return bool(nodes) and sum(int(node.get("Volumes") or 0) for node in nodes) >= on_disk
+
+    def ready(self) -> bool:
+        return self.s3_answers() and self.volumes_ready()
+
     # -- lifecycle -------------------------------------------------------------------
 
     def _choose_ports(self) -> None:
@@ -234,7 +255,7 @@ class SeaweedS3:
         self._ports.update(zip(needed, fresh, strict=True))
 
     def start(self, *, detach: bool = False, timeout: float = 60.0) -> None:
-        """Start ``weed mini`` and wait until S3 answers HTTP.
+        """Start ``weed mini`` and wait until S3 answers HTTP and every volume on disk is served.
 
         ``detach=True`` leaves it running after this Python process exits; otherwise it
         is stopped at interpreter exit at the latest.
@@ -269,9 +290,9 @@ class SeaweedS3:
         self._pid = self._popen.pid
         try:
             wait_until(
-                self.s3_answers,
+                self.ready,
                 timeout,
-                what=f"waiting for SeaweedFS S3 on {self.endpoint}",
+                what=f"waiting for SeaweedFS S3 on {self.endpoint} and its volumes",
                 alive=lambda: self._popen is not None and self._popen.poll() is None,
             )
         except ServiceError as exc:
