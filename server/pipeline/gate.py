@@ -98,23 +98,21 @@ def _check_recall_slices(decision: GateDecision, candidate: dict, production: di
                               (production.get("golden") or {}).get("per_class") or {}, policy.max_recall_drop)
     if per_class:
         decision.checks["golden_class_recall"] = per_class
-    for name, check in per_class.items():
-        if not check["passed"]:
-            decision.passed = False
-            decision.reasons.append(
-                f"golden recall of class {name!r} fell from {check['production']:.3f} to "
-                f"{check['candidate']:.3f} (more than {policy.max_recall_drop:.3f})")
+    _fail_drops(decision, per_class, "golden recall of class", policy.max_recall_drop)
     cand_dev = {k.removeprefix("device:"): v for k, v in candidate.items() if k.startswith("device:")}
     prod_dev = {k.removeprefix("device:"): v for k, v in production.items() if k.startswith("device:")}
     per_device = _recall_drops(cand_dev, prod_dev, policy.max_recall_drop, policy.min_slice_instances)
     if per_device:
         decision.checks["device_recall"] = per_device
-    for name, check in per_device.items():
+    _fail_drops(decision, per_device, "new-data recall on device", policy.max_recall_drop)
+
+
+def _fail_drops(decision: GateDecision, checks: dict[str, dict], what: str, max_drop: float) -> None:
+    for name, check in checks.items():
         if not check["passed"]:
             decision.passed = False
-            decision.reasons.append(
-                f"new-data recall on device {name!r} fell from {check['production']:.3f} to "
-                f"{check['candidate']:.3f} (more than {policy.max_recall_drop:.3f})")
+            decision.reasons.append(f"{what} {name!r} fell from {check['production']:.3f} to "
+                                    f"{check['candidate']:.3f} (more than {max_drop:.3f})")
 
 
 def _check_artifact_agreement(decision: GateDecision, candidate: dict, policy: GatePolicy) -> None:

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
-import pytest
 from fastapi.testclient import TestClient
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
@@ -31,21 +30,6 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 15.0):
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'edgeloop.db'}"
-    base = request.getfixturevalue("postgres")
-    import sqlalchemy
-
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return base.rsplit("/", 1)[0] + "/" + name
 
 
 def server_settings(mqtt_broker, seaweedfs, tmp_path, database_url: str, **overrides) -> ServerSettings:

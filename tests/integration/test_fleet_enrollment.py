@@ -34,7 +34,6 @@ from protocol.api import upload_path  # noqa: E402
 from protocol.messages import Hardware, Heartbeat, StatusMessage  # noqa: E402
 
 pytestmark = pytest.mark.integration
-pytest_plugins = ["fleet_kit"]  # fixture: database_url
 
 ROOT = Path(__file__).resolve().parents[2]
 JETSON = Hardware(cpu="aarch64", cpu_count=6, gpu="Orin", gpu_compute_capability="8.7", tensorrt_version="10.3.0")

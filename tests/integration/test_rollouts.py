@@ -34,7 +34,6 @@ from fleet_kit import (  # noqa: E402
     NOT_AUTHORIZED,
     MqttClient,
     bearer,
-    database_url,  # noqa: F401  (fixture)
     server_settings,
     start_server,
     wait_for,
@@ -206,7 +205,7 @@ class World:
 
 
 @pytest.fixture
-def world(mqtt_broker, seaweedfs, tmp_path, database_url, fleet_data):  # noqa: F811
+def world(mqtt_broker, seaweedfs, tmp_path, database_url, fleet_data):
     w = World(mqtt_broker, seaweedfs, tmp_path, database_url, fleet_data[2])
     try:
         yield w

@@ -26,22 +26,6 @@ pytestmark = pytest.mark.integration
 ADMIN = "test-admin-token-" + uuid.uuid4().hex
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'edgeloop.db'}"
-    base = request.getfixturevalue("postgres")
-    # A fresh database per test on the session's cluster.
-    import sqlalchemy
-
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return base.rsplit("/", 1)[0] + "/" + name
-
-
 @pytest.fixture
 def server(mqtt_broker, seaweedfs, tmp_path, database_url):
     settings = ServerSettings(
