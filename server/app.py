@@ -63,7 +63,8 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
     ctx.scheduler = RetrainScheduler(sessions, runner.run)
     ctx.ingest = IngestService(
         sessions, store, settings.class_names,
-        ImageLimits(max_bytes=settings.max_sample_bytes, max_side=settings.max_image_side),
+        ImageLimits(max_bytes=settings.max_sample_bytes, max_side=settings.max_image_side,
+                    max_pixels=settings.max_image_pixels),
         settings.retrain_threshold,
         on_threshold=lambda n: ctx.scheduler.request("threshold", f"{n} validated samples", "ingest"),
     )

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from protocol.messages import Box
 from server.db.models import Sample
-from server.sample_validation import ImageLimits, SampleRejected, check_labels
+from server.sample_validation import ImageLimits, SampleRejected, check_image_header, check_labels
 
 SOURCE_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,40}$")
 CONTENT_TYPES = {b"\xff\xd8\xff": ("image/jpeg", ".jpg"), b"\x89PNG\r\n\x1a\n": ("image/png", ".png")}
@@ -42,12 +42,10 @@ def import_image(session: Session, store, source: str, data: bytes, labels: list
             raise SampleRejected(f"image is {len(data)} bytes, over the {limits.max_bytes}-byte limit")
         if kind is None:
             raise SampleRejected("not a JPEG or PNG image")
+        width, height = check_image_header(data, limits)  # before decoding: a tiny file may declare a huge image
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if image is None:
+        if image is None or image.shape[1::-1] != (width, height):
             raise SampleRejected("image does not decode")
-        height, width = image.shape[:2]
-        if max(height, width) > limits.max_side:
-            raise SampleRejected(f"image is {width}x{height}, over the {limits.max_side}-pixel side limit")
         try:
             boxes = [Box.model_validate(b) for b in labels]
         except ValidationError as exc:

@@ -244,6 +244,8 @@ class ServerSettings(BaseSettings):
     retrain_threshold: int = Field(1000, ge=1)
     max_sample_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_image_side: int = Field(4096, ge=32)
+    # Width x height, read from the image header before decoding (a few-KB PNG can declare 20000x20000).
+    max_image_pixels: int = Field(4096 * 4096, ge=1024)
     auto_deploy: bool = False
     shadow_frames: int = Field(50, ge=1)
     presign_seconds: int = Field(3600, ge=60, le=7 * 24 * 3600)

@@ -171,7 +171,7 @@ async def import_labeled_images(
     if len(files) > 256:
         raise HTTPException(413, "at most 256 files per import call")
     s = ctx.settings
-    limits = ImageLimits(max_bytes=s.max_sample_bytes, max_side=s.max_image_side)
+    limits = ImageLimits(max_bytes=s.max_sample_bytes, max_side=s.max_image_side, max_pixels=s.max_image_pixels)
     results = []
     with ctx.sessions() as session:
         for upload, boxes in zip(files, per_file, strict=True):
