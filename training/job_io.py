@@ -50,10 +50,22 @@ def fetch_inputs(spec: dict, client=None) -> None:
             tar.extractall(dest, filter="data")  # refuses absolute paths, "..", links out, devices
 
 
+#: The result's keys that name one output file each; the server bundles and registers them.
+OUTPUT_KEYS = ("best_pt", "onnx", "int8_onnx")
+
+
+def named_outputs(result: dict) -> list[str]:
+    """Every output path the result names: weights, ONNX, the INT8 ONNX, engines."""
+    named = [result.get(key) for key in OUTPUT_KEYS]
+    named += [e.get("path") for e in result.get("engines") or [] if isinstance(e, dict)]
+    return [str(name) for name in named if name]
+
+
 def output_files(result: dict, out_dir: Path) -> list[Path]:
-    """``result.json`` and every file under ``out_dir`` that the result names (weights, ONNX, engines)."""
+    """``result.json`` and every file under ``out_dir`` that the result names (weights, ONNX, INT8 ONNX,
+    engines)."""
     out_dir = Path(out_dir).resolve()
-    named = [result.get("best_pt"), result.get("onnx"), *(e.get("path") for e in result.get("engines", []))]
+    named = named_outputs(result)
     files = [out_dir / "result.json"]
     for name in named:
         if name and Path(name).resolve().is_relative_to(out_dir) and Path(name).is_file():

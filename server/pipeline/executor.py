@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 
 class JobFailed(RuntimeError):
@@ -34,12 +43,49 @@ def make_executor(settings, store):
     return LocalSubprocessExecutor(timeout_seconds=settings.training.timeout_seconds)
 
 
-class LocalSubprocessExecutor:
-    """Runs ``python -m training.job_runner SPEC`` and relays each progress event."""
+_EOF = object()
 
-    def __init__(self, python: str = sys.executable, timeout_seconds: int = 6 * 3600) -> None:
-        self._python = python
+
+def _pump(stream, lines: queue.Queue) -> None:
+    """Reader thread: every line of the child's output, then ``_EOF``. It never blocks the caller."""
+    try:
+        for line in stream:
+            lines.put(line)
+    except (OSError, ValueError):  # the pipe was closed under us after a kill
+        pass
+    finally:
+        lines.put(_EOF)
+
+
+def kill_process_group(proc: subprocess.Popen, grace_seconds: float = 5.0) -> None:
+    """SIGTERM the child's whole process group (the trainer and its dataloader workers), then
+    SIGKILL what is left after ``grace_seconds``. The child must lead its own session."""
+    for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):  # the whole group may be gone already
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; make sure no straggler of its group survives it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return
+
+
+class LocalSubprocessExecutor:
+    """Runs ``python -m training.job_runner SPEC`` and relays each progress event.
+
+    The child's output is read on a thread so the wall-clock limit holds even when the trainer
+    hangs without printing: past ``timeout_seconds`` its whole process group is killed and the
+    run fails with that reason.
+    """
+
+    def __init__(self, python: str = sys.executable, timeout_seconds: int = 6 * 3600,
+                 command: Sequence[str] | None = None, kill_grace_seconds: float = 5.0) -> None:
+        self._command = list(command) if command is not None else [python, "-m", "training.job_runner"]
         self._timeout = timeout_seconds
+        self._grace = kill_grace_seconds
 
     def run(self, spec: dict, work_dir: Path, on_event: Callable[[dict], None]) -> dict:
         spec_path = work_dir / "spec.json"
@@ -48,28 +94,58 @@ class LocalSubprocessExecutor:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         result: dict | None = None
         error = ""
+        deadline = time.monotonic() + self._timeout
         with log_path.open("w") as log_file:
             proc = subprocess.Popen(
-                [self._python, "-m", "training.job_runner", str(spec_path)],
+                [*self._command, str(spec_path)],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=work_dir,
+                start_new_session=True,  # its own process group: a timeout kills its workers too
             )
             assert proc.stdout is not None
-            for line in proc.stdout:
-                log_file.write(line)
-                log_file.flush()  # readable while the job runs
-                event = parse_event(line)
-                if event is None:
-                    continue
-                if event.get("event") == "result":
-                    result = event["result"]
-                elif event.get("event") == "error":
-                    error = event.get("error", "")
-                on_event(event)
+            lines: queue.Queue = queue.Queue()
+            reader = threading.Thread(target=_pump, args=(proc.stdout, lines), name="job-output", daemon=True)
+            reader.start()
+            exited: float | None = None
             try:
-                code = proc.wait(timeout=self._timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise JobFailed(f"training subprocess exceeded {self._timeout}s") from None
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    try:
+                        line = lines.get(timeout=min(left, 1.0))
+                    except queue.Empty:
+                        if proc.poll() is not None:
+                            # The trainer exited but something it started still holds its output
+                            # open: give that a moment, then end the group instead of waiting on it.
+                            exited = exited or time.monotonic()
+                            if time.monotonic() - exited > self._grace:
+                                kill_process_group(proc, 0)
+                        continue
+                    if line is _EOF:
+                        break
+                    log_file.write(line)
+                    log_file.flush()  # readable while the job runs
+                    event = parse_event(line)
+                    if event is None:
+                        continue
+                    if event.get("event") == "result":
+                        result = event["result"]
+                    elif event.get("event") == "error":
+                        error = event.get("error", "")
+                    on_event(event)
+                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except (TimeoutError, subprocess.TimeoutExpired):
+                kill_process_group(proc, self._grace)
+                log_file.write(f"\nkilled: the training subprocess exceeded its {self._timeout}s timeout\n")
+                log.warning("executor.timeout", pid=proc.pid, timeout=self._timeout)
+                raise JobFailed(f"training subprocess exceeded its {self._timeout}s timeout and was killed "
+                                f"(process group {proc.pid})") from None
+            except BaseException:
+                kill_process_group(proc, self._grace)  # e.g. on_event failed: never leave a trainer behind
+                raise
+            finally:
+                reader.join(timeout=5)
+                proc.stdout.close()
         if code != 0 or result is None:
             tail = log_path.read_text()[-2000:]
             raise JobFailed(error or f"training subprocess exited {code}; log tail:\n{tail}")

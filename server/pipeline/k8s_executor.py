@@ -15,8 +15,9 @@ One run:
 4. follow the pod's log, parsing the job runner's lines like the local executor does; a log
    stream that breaks or stays silent is re-opened, skipping the lines already seen;
 5. wait until the Job is Complete or Failed (or the deadline passes);
-6. download ``result.json``, the best weights and the ONNX export from the object store, and
-   return the result with local paths, as the runner expects;
+6. download ``result.json``, the best weights, the ONNX export and (when it passed its gate)
+   the INT8 ONNX from the object store, and return the result with local paths, as the
+   runner expects;
 7. always, even on failure or timeout: delete the Job (propagation ``Background``: its pod
    and ConfigMap go with it) and the staged objects.
 """
@@ -39,6 +40,7 @@ from server.objectstore import ObjectNotFoundError
 from server.pipeline import k8s_manifests as manifests
 from server.pipeline import k8s_staging as staging
 from server.pipeline.executor import JobFailed, parse_event
+from training.job_io import OUTPUT_KEYS
 
 log = structlog.get_logger(__name__)
 
@@ -290,7 +292,9 @@ class KubernetesJobExecutor:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._store.download_file(info.key, target)
             local[pod_path] = str(target)
-        for key in ("best_pt", "onnx"):  # what the runner bundles and registers
+        for key in OUTPUT_KEYS:  # what the runner bundles and registers (INT8 only when it passed its gate)
+            if key == "int8_onnx" and not result.get(key):
+                continue
             if str(result.get(key)) not in local:
                 raise JobFailed(f"the training pod's {key} ({result.get(key)!r}) was not uploaded to {out_prefix}")
         result = _localize(result, local)

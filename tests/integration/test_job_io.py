@@ -45,14 +45,18 @@ def test_inputs_are_fetched_and_outputs_uploaded_result_json_last(s3_env, tmp_pa
     (out / "train" / "weights").mkdir(parents=True)
     (out / "train" / "weights" / "best.pt").write_bytes(b"best")
     (out / "model.onnx").write_bytes(b"onnx")
+    (out / "model.int8.onnx").write_bytes(b"int8")
     (out / "scratch.log").write_bytes(b"not named by the result")
     result = {"best_pt": str(out / "train" / "weights" / "best.pt"), "onnx": str(out / "model.onnx"),
-              "engines": [{"status": "skipped", "path": None}]}
+              "int8_onnx": str(out / "model.int8.onnx"), "engines": [{"status": "skipped", "path": None}]}
     (out / "result.json").write_text(json.dumps(result))
     keys = upload_outputs(spec, result)
     assert keys[-1] == prefix + "out/result.json"
-    assert set(keys) == {prefix + "out/result.json", prefix + "out/train/weights/best.pt", prefix + "out/model.onnx"}
+    assert set(keys) == {prefix + "out/result.json", prefix + "out/train/weights/best.pt", prefix + "out/model.onnx",
+                         prefix + "out/model.int8.onnx"}
     assert s3_env.get_bytes(prefix + "out/train/weights/best.pt", max_bytes=100) == b"best"
+    # The INT8 model rides in the bundle of a passing candidate: the server must get it back.
+    assert s3_env.get_bytes(prefix + "out/model.int8.onnx", max_bytes=100) == b"int8"
     assert not s3_env.exists(prefix + "out/scratch.log")
 
 

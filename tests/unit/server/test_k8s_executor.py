@@ -570,3 +570,80 @@ def test_a_result_naming_an_output_that_was_not_uploaded_is_a_failure(tmp_path, 
     with pytest.raises(JobFailed, match="onnx .*was not uploaded"):
         executor.run(spec, work, lambda e: None)
     assert_torn_down(cluster, store)
+
+
+# ---------------------------------------------------------------------- the job runner's real upload path
+
+
+class FakeMinio:
+    """The two Minio calls training.job_io makes, into the FakeStore's objects."""
+
+    def __init__(self, store: FakeStore) -> None:
+        self.store = store
+
+    def fput_object(self, bucket, key, path):
+        assert bucket == "edgeloop"
+        self.store.objects[key] = Path(path).read_bytes()
+
+
+class JobRunnerPod(FakeCluster):
+    """A pod whose outputs go up through ``training.job_io.upload_outputs``, as the job runner's do:
+    whatever that function leaves out never reaches the server."""
+
+    def _run_training(self, job_name: str) -> None:
+        from training.job_io import upload_outputs
+
+        if self.pod_spec is not None:
+            return
+        spec = json.loads(self.config_maps[job_name].data["spec.json"])
+        self.pod_spec = spec
+        out = Path(spec["out_dir"])
+        (out / "train" / "weights").mkdir(parents=True)
+        (out / "engines").mkdir()
+        (out / "train" / "weights" / "best.pt").write_bytes(b"best weights")
+        (out / "model.onnx").write_bytes(b"fp32 onnx")
+        (out / "model.int8.onnx").write_bytes(b"int8 onnx")
+        (out / "engines" / "sm89-trt10.engine").write_bytes(b"engine bytes")
+        result = {**RESULT, "best_pt": str(out / "train" / "weights" / "best.pt"), "onnx": str(out / "model.onnx"),
+                  "int8_onnx": str(out / "model.int8.onnx"), "int8": {"calibration_images": 2},
+                  "engines": [{"target": "sm89-trt10", "status": "built", "path": str(out / "engines" /
+                                                                                     "sm89-trt10.engine")}]}
+        (out / "result.json").write_text(json.dumps(result))
+        self.uploaded_keys = upload_outputs(spec, result, client=FakeMinio(self.store))
+        self.log_lines = lines(TRAINING_EVENTS[0], {"event": "result", "result": result})
+
+
+def test_the_int8_model_comes_back_through_the_job_runners_upload(tmp_path, spec, monkeypatch):
+    # The pod's scratch folder, on this machine: the job runner's real upload code runs against it.
+    pod_out = tmp_path / "pod" / "job" / "out"
+    monkeypatch.setattr(manifests, "OUT_DIR", str(pod_out))
+    store = FakeStore()
+    cluster = JobRunnerPod(store, log_lines=[])
+    executor, work, _ = make(tmp_path, cluster, store)
+
+    result = executor.run(spec, work, lambda e: None)
+
+    prefix = "k8s-jobs/edgeloop-train-000042-abc123/out/"
+    assert prefix + "model.int8.onnx" in cluster.uploaded_keys
+    assert cluster.uploaded_keys[-1] == prefix + "result.json"
+    int8 = Path(result["int8_onnx"])
+    assert int8.is_relative_to(work) and int8.read_bytes() == b"int8 onnx"
+    assert Path(result["onnx"]).read_bytes() == b"fp32 onnx"
+    assert Path(result["engines"][0]["path"]).read_bytes() == b"engine bytes"
+    assert_torn_down(cluster, store)
+
+
+def test_a_result_naming_an_int8_model_that_was_not_uploaded_is_a_failure(tmp_path, spec, monkeypatch):
+    from training import job_io
+
+    monkeypatch.setattr(manifests, "OUT_DIR", str(tmp_path / "pod" / "job" / "out"))
+    # The upload as it was before: weights, ONNX and engines only.
+    monkeypatch.setattr(job_io, "OUTPUT_KEYS", ("best_pt", "onnx"))
+    monkeypatch.setattr(job_io, "named_outputs", lambda result: [
+        result["best_pt"], result["onnx"], *(e["path"] for e in result["engines"] if e.get("path"))])
+    store = FakeStore()
+    cluster = JobRunnerPod(store, log_lines=[])
+    executor, work, _ = make(tmp_path, cluster, store)
+    with pytest.raises(JobFailed, match="int8_onnx .*was not uploaded"):
+        executor.run(spec, work, lambda e: None)
+    assert_torn_down(cluster, store)
