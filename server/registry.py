@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from server.db.models import Alias, ModelVersion, utcnow
+from server.db.models import Alias, ModelVersion, TrainingJob, utcnow
 
 PRODUCTION, PREVIOUS, CANDIDATE = "production", "previous", "candidate"
 
@@ -20,7 +20,12 @@ def artifact_key(model_name: str, version: int, filename: str) -> str:
 
 
 def next_version(session: Session) -> int:
-    return (session.scalar(select(func.max(ModelVersion.version))) or 0) + 1
+    """The next free version number: past every registered version and every number a running
+    retrain job reserved for the bundle it is building (it registers that number at its commit)."""
+    registered = session.scalar(select(func.max(ModelVersion.version))) or 0
+    reserved = session.scalar(select(func.max(TrainingJob.candidate_version))
+                              .where(TrainingJob.status == "running")) or 0
+    return max(registered, reserved) + 1
 
 
 def alias_version(session: Session, name: str) -> ModelVersion | None:

@@ -3,7 +3,9 @@
 Runs before the snapshot is frozen, so a snapshot only ever holds samples that met the
 contract. Quarantined devices' samples are held back (status ``held``) for review; samples
 that break the contract are kept as ``rejected`` with their reason; a batch with too many
-rejects halts the job and changes nothing.
+rejects halts the job and changes nothing. The halt is kept on the job
+(``result["halted"]``): threshold triggers start no new job until an engineer resolves it
+with :func:`resolve_halt`, which drops the batch's rejects (audited).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from protocol.alerts import AlertKind, Severity
-from server.db.models import Quarantine, Sample, utcnow
+from server import audit
+from server.db.models import Quarantine, Sample, TrainingJob, utcnow
 from server.settings import ServerSettings
 from training.data_contract import Candidate, ContractLimits, ContractReport, DataContract, ReferenceIndex
 from training.poisoning import LabeledSample, PoisoningPolicy, assess_devices
@@ -148,3 +151,35 @@ def release_quarantine(session: Session, device_id: str, actor: str) -> int:
     for s in rows:
         s.status, s.reject_reason = "validated", ""
     return len(rows)
+
+
+class HaltError(LookupError):
+    """No unresolved halt on that job."""
+
+
+def resolve_halt(session: Session, job_id: int, actor: str, reason: str, source: str = "") -> int:
+    """An engineer reviewed a halted batch: the samples the contract rejected in it are dropped
+    (``rejected``, with the contract's reason), the halt is marked resolved and the decision
+    written to the audit log. Returns how many were dropped; the caller commits."""
+    job = session.get(TrainingJob, job_id)
+    halted = (job.result or {}).get("halted") if job is not None else None
+    if not halted:
+        raise HaltError(f"job {job_id} did not halt on the data contract")
+    if halted.get("resolved"):
+        raise HaltError(f"the halt of job {job_id} was already resolved by {halted['resolved'].get('by')}")
+    rejects: dict[str, str] = halted.get("rejected") or {}
+    dropped = []
+    ids = list(rejects)
+    for i in range(0, len(ids), 500):
+        for s in session.scalars(select(Sample).where(Sample.id.in_(ids[i:i + 500]))):
+            if s.status == "validated" and s.snapshot_id is None:
+                s.status = "rejected"
+                s.reject_reason = f"data contract: {rejects[s.id]} (dropped by {actor} after job {job_id} halted)"
+                dropped.append(s.id)
+    job.result = {**job.result, "halted": {**halted, "resolved": {
+        "by": actor, "at": utcnow().isoformat(), "reason": reason, "dropped": len(dropped)}}}
+    job.log += f"\nhalt resolved by {actor}: {len(dropped)} rejected samples dropped ({reason})"
+    audit.record(session, actor, "retrain.halt.resolve", f"job:{job_id}", source, reason=reason,
+                 dropped=len(dropped), halt_reason=halted.get("reason", ""))
+    log.info("data_gate.halt_resolved", job=job_id, actor=actor, dropped=len(dropped))
+    return len(dropped)

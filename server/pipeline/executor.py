@@ -102,6 +102,8 @@ class LocalSubprocessExecutor:
                 start_new_session=True,  # its own process group: a timeout kills its workers too
             )
             assert proc.stdout is not None
+            # Where it runs: a restarted server ends a trainer the old one left behind (``abandon``).
+            on_event({"event": "started", "executor": "local", "pid": proc.pid, "spec": str(spec_path)})
             lines: queue.Queue = queue.Queue()
             reader = threading.Thread(target=_pump, args=(proc.stdout, lines), name="job-output", daemon=True)
             reader.start()
@@ -150,3 +152,30 @@ class LocalSubprocessExecutor:
             tail = log_path.read_text()[-2000:]
             raise JobFailed(error or f"training subprocess exited {code}; log tail:\n{tail}")
         return result
+
+    def abandon(self, started: dict) -> bool:
+        """End the trainer a ``started`` event named, if it still runs (see :func:`end_stale_trainer`)."""
+        return end_stale_trainer(started)
+
+
+def end_stale_trainer(started: dict) -> bool:
+    """Kill the process group of the local trainer a ``started`` event named, if it still runs (a
+    server that died left it behind). True when there was one to end. The pid is checked to be
+    that trainer (its command line holds the job's spec path), not a process that reused it."""
+    if started.get("executor", "local") != "local":
+        return False
+    pid = int(started.get("pid") or 0)
+    if pid <= 0:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if not started.get("spec") or started["spec"].encode() not in cmdline:
+        return False
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    log.warning("executor.abandoned", pid=pid, spec=started.get("spec"))
+    return True

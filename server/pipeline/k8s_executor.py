@@ -107,6 +107,9 @@ class KubernetesJobExecutor:
             pod_spec = self._stage_inputs(spec, work_dir, prefix)
             self._create(run, pod_spec)
             logger.info("k8s.job.created")
+            # What a restarted server deletes if this server dies before its teardown (``abandon``).
+            on_event({"event": "started", "executor": "kubernetes", "k8s_job": name, "prefix": prefix,
+                      "namespace": self._k8s.namespace})
             on_event({"event": "stage", "stage": "scheduling", "status": "started"})
             pod = self._wait_for_pod(name, self._clock() + self._k8s.pod_start_timeout_seconds)
             logger.info("k8s.pod.started", pod=pod)
@@ -118,6 +121,14 @@ class KubernetesJobExecutor:
             return self._fetch_outputs(prefix, work_dir, state)
         finally:
             self._teardown(name, prefix, logger)
+
+    def abandon(self, started: dict) -> bool:
+        """Delete the Job and staged objects a ``started`` event named (a server that died left them)."""
+        name, prefix = started.get("k8s_job"), started.get("prefix")
+        if not name or not prefix or started.get("namespace", self._k8s.namespace) != self._k8s.namespace:
+            return False
+        self._teardown(name, prefix, log.bind(k8s_job=name, namespace=self._k8s.namespace, abandoned=True))
+        return True
 
     # ------------------------------------------------------------------ steps
 

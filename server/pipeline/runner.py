@@ -1,4 +1,12 @@
-"""Runs one retrain job end to end and records every stage on the job row."""
+"""Runs one retrain job through its table of stages (:mod:`server.pipeline.stages`), recording
+each stage's state on the job row so that a restarted server resumes it where it stopped.
+
+Nothing another job can see changes before the ``commit`` stage: the snapshot manifest is
+written to the object store but its samples stay pending, the bundle carries a version
+number the job only reserved. ``commit`` consumes the samples and registers the version in
+one transaction; a job that fails anywhere before it leaves the samples for the next job and
+the registry as it was.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -15,13 +23,32 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from firmware_bundles import sha256_file
 from protocol.alerts import AlertKind, Severity
 from server import audit, metrics, registry
-from server.db.models import Device, ModelVersion, Snapshot, TrainingJob, utcnow
+from server.db.models import Device, ModelVersion, TrainingJob, utcnow
+from server.ingest import pending_labeled_samples
 from server.pipeline.data_gate import CachedStore, DataGate
 from server.pipeline.executor import JobFailed
 from server.pipeline.gate import GatePolicy, decide
-from server.pipeline.snapshot import build_snapshot, materialize
+from server.pipeline.snapshot import (
+    SnapshotError,
+    claim_snapshot,
+    freeze_snapshot,
+    load_snapshot_manifest,
+    materialize,
+)
+from server.pipeline.stages import (
+    DONE,
+    FAILED,
+    RUNNING,
+    SKIPPED,
+    STAGE_NAMES,
+    STAGES,
+    StageInfo,
+    done_stages,
+    pipeline_state,
+)
 from server.settings import ServerSettings
 from training import synth
 
@@ -77,6 +104,33 @@ def fleet_engine_targets(session: Session) -> list[dict]:
             for cc, trt in sorted(targets)]
 
 
+class _Job:
+    """One run of one job: its folder, the outputs of its stages so far, what it holds in memory."""
+
+    def __init__(self, job_id: int, work: Path, attempt: int) -> None:
+        self.id, self.work, self.attempt = job_id, work, attempt
+        self.outputs: dict[str, dict] = {}
+        self.cache: dict[str, bytes] = {}  # image bytes the data gate already read
+        self.manifest: dict | None = None
+        self.result: dict | None = None  # the executor's result
+        self.stage = "start"  # the stage running now
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A row of the job's table: what runs, and whether a persisted output may be reused."""
+
+    info: StageInfo
+    run: Callable[[_Job], dict]
+    reusable: Callable[[_Job, dict], bool] = lambda job, output: True
+    #: The runner times it (``train`` is timed by the executor, per step).
+    timed: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
 class RetrainRunner:
     def __init__(
         self,
@@ -96,6 +150,18 @@ class RetrainRunner:
         self._on_promoted = on_promoted
         self._alerts = alerts
         self._data_gate = DataGate(settings, store, alerts)
+        by_name = {s.name: s for s in STAGES}
+        self.stages: tuple[Stage, ...] = (
+            Stage(by_name["validate"], self._validate),
+            Stage(by_name["snapshot"], self._snapshot, self._snapshot_reusable),
+            Stage(by_name["dataset"], self._dataset, self._dataset_reusable),
+            Stage(by_name["train"], self._train, self._train_reusable, timed=False),
+            Stage(by_name["gate"], self._gate),
+            Stage(by_name["bundle"], self._bundle, self._bundle_reusable),
+            Stage(by_name["register"], self._register),
+            Stage(by_name["commit"], self._commit),
+        )
+        assert tuple(s.name for s in self.stages) == STAGE_NAMES
 
     # ------------------------------------------------------------------ helpers
 
@@ -106,23 +172,35 @@ class RetrainRunner:
                 setattr(job, key, value)
             session.commit()
 
-    @contextmanager
-    def _stage(self, job_id: int, name: str):
-        self._update(job_id, stage=name)
-        t0 = time.monotonic()
-        yield
-        seconds = round(time.monotonic() - t0, 3)
-        with self._sessions() as session:
-            job = session.get(TrainingJob, job_id)
-            job.stages = {**job.stages, name: seconds}
-            session.commit()
-        metrics.STAGE_SECONDS.labels(stage=name).set(seconds)
-
     def _merge_result(self, job_id: int, **fields) -> None:
         with self._sessions() as session:
             job = session.get(TrainingJob, job_id)
             job.result = {**(job.result or {}), **fields}
             session.commit()
+
+    def _set_stage_state(self, job_id: int, name: str, state: dict | None, *, drop_after: bool = False,
+                         seconds: float | None = None) -> None:
+        """Persist one stage's state (None removes it); ``drop_after`` forgets every later stage."""
+        with self._sessions() as session:
+            job = session.get(TrainingJob, job_id)
+            self._write_stage_state(job, name, state, drop_after=drop_after, seconds=seconds)
+            session.commit()
+
+    @staticmethod
+    def _write_stage_state(job: TrainingJob, name: str, state: dict | None, *, drop_after: bool = False,
+                           seconds: float | None = None) -> None:
+        pipeline = pipeline_state(job.result)
+        stages = pipeline["stages"]
+        if drop_after:
+            later = STAGE_NAMES[STAGE_NAMES.index(name) + 1:]
+            stages = {k: v for k, v in stages.items() if k not in later}
+        if state is None:
+            stages.pop(name, None)
+        else:
+            stages[name] = state
+        job.result = {**(job.result or {}), "pipeline": {**pipeline, "stages": stages}}
+        if seconds is not None:
+            job.stages = {**(job.stages or {}), name: seconds}
 
     def _alert(self, kind: AlertKind, severity: Severity, message: str, **details) -> None:
         if self._alerts is not None:
@@ -137,182 +215,394 @@ class RetrainRunner:
     # ------------------------------------------------------------------ the job
 
     def run(self, job_id: int) -> None:
+        """Run the job from its first stage not done (all of them for a new job)."""
         started = time.monotonic()
-        self._update(job_id, status="running", started_at=utcnow())
+        with self._sessions() as session:
+            row = session.get(TrainingJob, job_id)
+            if row is None or row.status not in {"queued", "running"}:
+                log.warning("retrain.not_runnable", job=job_id, status=getattr(row, "status", None))
+                return
+            state = pipeline_state(row.result)
+            done_before = done_stages(row.result)
+            resuming = bool(state["stages"])
+            attempt = state["attempt"] + 1
+            row.status, row.started_at = "running", row.started_at or utcnow()
+            row.result = {**(row.result or {}), "pipeline": {**state, "attempt": attempt}}
+            session.commit()
         work = self._settings.data_dir / "jobs" / f"{job_id:06d}"
-        if work.exists():
+        if work.exists() and not resuming:
             shutil.rmtree(work)
-        work.mkdir(parents=True)
+        work.mkdir(parents=True, exist_ok=True)
+        job = _Job(job_id, work, attempt)
+        if resuming:
+            self._log(job_id, f"attempt {attempt}: resuming after the stages already done "
+                              f"({', '.join(done_before) or 'none'})")
         outcome = "failed"
         try:
-            outcome = self._run(job_id, work)
+            outcome = self._run_stages(job, state["stages"])
         except JobFailed as exc:
-            self._update(job_id, status="failed")
-            self._merge_result(job_id, error=str(exc))
-            self._log(job_id, f"failed: {exc}")
+            self._fail(job, str(exc))
         except Exception as exc:
             log.exception("retrain.failed", job=job_id)
-            self._update(job_id, status="failed")
-            self._merge_result(job_id, error=f"{type(exc).__name__}: {exc}")
-            self._log(job_id, f"failed: {type(exc).__name__}: {exc}")
-        finally:
-            self._update(job_id, finished_at=utcnow(), stage="")
-            metrics.JOB_SECONDS.labels(outcome=outcome).observe(time.monotonic() - started)
-            log.info("retrain.finished", job=job_id, outcome=outcome)
+            self._fail(job, f"{type(exc).__name__}: {exc}")
+        except BaseException:
+            # The process is going down (SystemExit, KeyboardInterrupt) mid-job: like a crash, the
+            # job stays running with its stages' state, and the next start resumes or fails it.
+            log.warning("retrain.interrupted", job=job_id, stage=job.stage)
+            raise
+        self._update(job_id, finished_at=utcnow(), stage="")
+        metrics.JOB_SECONDS.labels(outcome=outcome).observe(time.monotonic() - started)
+        log.info("retrain.finished", job=job_id, outcome=outcome)
+        if outcome in {"succeeded", "rejected"}:
+            self._after_commit(job, outcome)
 
-    def _validate(self, job_id: int):
-        with self._stage(job_id, "validate"), self._sessions() as session:
-            checked = self._data_gate.run(session, job_id)
+    def _run_stages(self, job: _Job, persisted: dict[str, dict]) -> str:
+        rerun = False  # once one stage runs again, every later one does too
+        for stage in self.stages:
+            previous = persisted.get(stage.name) or {}
+            if not rerun and previous.get("status") == SKIPPED:
+                job.outputs[stage.name] = previous.get("output") or {}
+                continue
+            if (not rerun and previous.get("status") == DONE and stage.info.resumable
+                    and stage.reusable(job, previous.get("output") or {})):
+                job.outputs[stage.name] = previous.get("output") or {}
+                continue
+            if not rerun and previous:
+                self._abandon(job, stage.name, previous)
+            if stage.name in {"bundle", "register"} and not job.outputs["gate"]["passed"]:
+                self._set_stage_state(job.id, stage.name, {"status": SKIPPED, "output": {}},
+                                      drop_after=not rerun)
+                job.outputs[stage.name] = {}
+                rerun = True
+                continue
+            self._set_stage_state(job.id, stage.name, {"status": RUNNING}, drop_after=not rerun)
+            rerun = True
+            job.stage = stage.name
+            self._update(job.id, stage=stage.name)
+            t0 = time.monotonic()
+            output = stage.run(job)
+            seconds = round(time.monotonic() - t0, 3)
+            if stage.timed:
+                metrics.STAGE_SECONDS.labels(stage=stage.name).set(seconds)
+            job.outputs[stage.name] = output
+            if stage.name == "commit":  # its state was written in the commit's own transaction
+                return output["outcome"]
+            self._set_stage_state(job.id, stage.name, {"status": DONE, "output": output},
+                                  seconds=seconds if stage.timed else None)
+        raise AssertionError("the stage table ends with commit")
+
+    def _abandon(self, job: _Job, name: str, previous: dict) -> None:
+        """A stage an earlier attempt left running: make sure nothing of it still runs."""
+        process = previous.get("process")
+        abandon = getattr(self._executor, "abandon", None)
+        if name == "train" and process and abandon is not None:
+            try:
+                abandon(process)
+            except Exception as exc:  # the stale run may be long gone
+                log.warning("retrain.abandon_failed", job=job.id, error=f"{type(exc).__name__}: {exc}")
+        if previous.get("status") == RUNNING:
+            self._log(job.id, f"stage {name} was interrupted (attempt {job.attempt - 1}): running it again")
+
+    def _fail(self, job: _Job, reason: str) -> None:
+        """The job failed before its commit: its samples stay pending, no version was registered."""
+        with self._sessions() as session:
+            row = session.get(TrainingJob, job.id)
+            if row.status != "running":  # committed after all: a later step failed, not the job
+                log.error("retrain.failed_after_commit", job=job.id, error=reason)
+                return
+            stage = job.stage
+            if row.stage and row.stage != stage:  # a step inside the executor: "train (export)"
+                stage = f"{stage} ({row.stage})"
+            if job.stage in STAGE_NAMES:
+                stages = pipeline_state(row.result)["stages"]
+                self._write_stage_state(row, job.stage, {**stages.get(job.stage, {}), "status": FAILED,
+                                                         "error": reason})
+            pending = pending_labeled_samples(session)
+            row.status, row.candidate_version = "failed", None  # a reserved version number goes back
+            row.result = {**(row.result or {}), "error": reason, "failed_stage": job.stage}
+            row.log = (row.log + f"\nfailed at {stage}: {reason}\n"
+                       f"nothing was consumed: {pending} validated samples are pending for the next job")[-20000:]
+            session.commit()
+        self._remove_unregistered_artifacts(job)
+
+    def _remove_unregistered_artifacts(self, job: _Job) -> None:
+        """What ``register`` uploaded (all or part) under the number the job had reserved."""
+        version = (job.outputs.get("bundle") or {}).get("version")
+        if version is None:
+            return
+        with self._sessions() as session:
+            if session.get(ModelVersion, version) is not None:  # registered after all: not ours to remove
+                return
+        for name in ("model.pt", "model.onnx", "bundle.tar"):
+            key = registry.artifact_key(self._settings.model_name, version, name)
+            try:
+                if self._store.exists(key):
+                    self._store.delete(key)
+            except Exception as exc:
+                log.warning("retrain.cleanup_failed", job=job.id, key=key, error=f"{type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ stages
+
+    def _validate(self, job: _Job) -> dict:
+        with self._sessions() as session:
+            checked = self._data_gate.run(session, job.id)
         report = checked.contract
-        self._merge_result(job_id, data=checked.as_dict())
+        job.cache = checked.cache
+        self._merge_result(job.id, data=checked.as_dict())
         if checked.quarantined:
-            self._log(job_id, f"quarantined devices: {', '.join(sorted(checked.quarantined))}")
-        self._log(job_id, f"data contract: {len(report.accepted)} accepted, {len(report.rejected)} rejected "
+            self._log(job.id, f"quarantined devices: {', '.join(sorted(checked.quarantined))}")
+        self._log(job.id, f"data contract: {len(report.accepted)} accepted, {len(report.rejected)} rejected "
                           f"of {report.checked}" + (f"; {'; '.join(report.class_warnings)}"
                                                      if report.class_warnings else ""))
         if report.halted:
-            self._alert(AlertKind.DATA_CONTRACT_HALT, Severity.CRITICAL, f"retrain job {job_id} halted: "
-                        f"{report.halt_reason}", subject=f"job {job_id}", job_id=job_id,
+            self._merge_result(job.id, halted={"reason": report.halt_reason, "rejected": report.rejected,
+                                               "resolved": None})
+            self._alert(AlertKind.DATA_CONTRACT_HALT, Severity.CRITICAL, f"retrain job {job.id} halted: "
+                        f"{report.halt_reason}", subject=f"job {job.id}", job_id=job.id,
                         reject_reasons=report.reject_reasons)
             raise JobFailed(f"data contract: {report.halt_reason}")
-        return checked
+        # The snapshot freezes these only: a sample that arrives later has not met the contract.
+        return {"accepted": list(report.accepted), "rejected": len(report.rejected),
+                "quarantined": sorted(checked.quarantined)}
 
-    def _run(self, job_id: int, work: Path) -> str:
-        s, policy = self._settings, self._settings.training
-        checked = self._validate(job_id)
-        with self._stage(job_id, "snapshot"), self._sessions() as session:
+    def _snapshot(self, job: _Job) -> dict:
+        with self._sessions() as session:
             prod = registry.production(session)
             if prod is None:
                 raise JobFailed("no production model to fine-tune from: register a seed model first")
-            parent = session.get(Snapshot, prod.snapshot_id) if prod.snapshot_id else None
-            built = build_snapshot(session, self._store, parent.id if parent else None)
-            if built is None:
+            frozen = freeze_snapshot(session, self._store, prod.snapshot_id or None,
+                                     only=job.outputs["validate"]["accepted"])
+            if frozen is None:
                 raise JobFailed("no new validated, labeled samples since the last snapshot")
-            snapshot, manifest = built
-            job = session.get(TrainingJob, job_id)
-            job.snapshot_id = snapshot.id
+            snapshot_id, manifest = frozen
+            session.get(TrainingJob, job.id).snapshot_id = snapshot_id
             session.commit()
-            prod_version, prod_pt_key = prod.version, prod.pt_key
-            self._log(job_id, f"snapshot {snapshot.id[:12]}: {snapshot.sample_count} samples "
-                              f"from {len(snapshot.devices)} devices, parent {snapshot.parent_id}")
+            output = {"id": snapshot_id, "parent_id": manifest["parent"], "sample_count": len(manifest["samples"]),
+                      "devices": sorted({e["device_id"] for e in manifest["samples"]}),
+                      "production_version": prod.version, "production_pt_key": prod.pt_key}
+        job.manifest = manifest
+        self._log(job.id, f"snapshot {snapshot_id[:12]}: {output['sample_count']} samples from "
+                          f"{len(output['devices'])} devices, parent {output['parent_id']} (pending until commit)")
+        return output
 
-        with self._stage(job_id, "dataset"):
-            dataset = materialize(CachedStore(self._store, checked.cache), manifest, work / "data",
-                                  policy.val_fraction)
-            replay = []
-            if s.replay_data:
-                replay = replay_images(s.replay_data, int(len(dataset.train_images) * policy.replay_ratio))
-            root = work / "data"
-            data_yaml = synth.write_data_yaml(root, [write_train_list(root, dataset.train_images + replay)],
-                                              [dataset.val_dir], s.class_names)
-            new_data_yaml = synth.write_data_yaml(root, [dataset.val_dir], [dataset.val_dir], s.class_names,
-                                                  filename="new_data.yaml")
-            prod_pt = work / "production.pt"
-            self._store.download_file(prod_pt_key, prod_pt)
-            self._log(job_id, f"dataset: {len(dataset.train_images)} new train + {len(replay)} replayed, "
-                              f"{len(dataset.val_images)} new-data val")
+    def _snapshot_reusable(self, job: _Job, output: dict) -> bool:
+        try:
+            job.manifest = load_snapshot_manifest(self._store, output["id"])
+        except SnapshotError as exc:
+            self._log(job.id, f"snapshot {output['id'][:12]} cannot be reused: {exc}")
+            return False
+        return True
 
+    def _dataset(self, job: _Job) -> dict:
+        s, policy = self._settings, self._settings.training
+        snap = job.outputs["snapshot"]
+        if job.manifest is None:
+            job.manifest = load_snapshot_manifest(self._store, snap["id"])
+        root = job.work / "data"
+        if root.exists():  # an interrupted attempt's half-written copy
+            shutil.rmtree(root)
+        dataset = materialize(CachedStore(self._store, job.cache), job.manifest, root, policy.val_fraction)
+        replay = []
+        if s.replay_data:
+            replay = replay_images(s.replay_data, int(len(dataset.train_images) * policy.replay_ratio))
+        data_yaml = synth.write_data_yaml(root, [write_train_list(root, dataset.train_images + replay)],
+                                          [dataset.val_dir], s.class_names)
+        new_data_yaml = synth.write_data_yaml(root, [dataset.val_dir], [dataset.val_dir], s.class_names,
+                                              filename="new_data.yaml")
+        prod_pt = job.work / "production.pt"
+        self._store.download_file(snap["production_pt_key"], prod_pt)
         eval_sets = {"golden": str(s.eval_sets["golden"]), "new_data": str(new_data_yaml)}
         eval_sets.update({k: str(v) for k, v in s.eval_sets.items() if k != "golden"})
-        if len(snapshot.devices) > 1:  # with one source device its slice is the new-data split itself
-            eval_sets.update(device_slices(work / "data", manifest, dataset.val_images, s.class_names))
+        if len(snap["devices"]) > 1:  # with one source device its slice is the new-data split itself
+            eval_sets.update(device_slices(root, job.manifest, dataset.val_images, s.class_names))
+        self._log(job.id, f"dataset: {len(dataset.train_images)} new train + {len(replay)} replayed, "
+                          f"{len(dataset.val_images)} new-data val")
+        return {"data_yaml": str(data_yaml), "production_pt": str(prod_pt), "eval_sets": eval_sets,
+                "train_images": len(dataset.train_images), "replay_images": len(replay),
+                "val_images": len(dataset.val_images)}
+
+    def _dataset_reusable(self, job: _Job, output: dict) -> bool:
+        return Path(output["data_yaml"]).is_file() and Path(output["production_pt"]).is_file()
+
+    def _train(self, job: _Job) -> dict:
+        s, policy, data = self._settings, self._settings.training, job.outputs["dataset"]
+        out = job.work / "out"
+        if out.exists():  # an interrupted attempt's outputs: train from the start again
+            shutil.rmtree(out)
         with self._sessions() as session:
             engine_targets = fleet_engine_targets(session)
         spec = {
-            "base_weights": str(prod_pt), "data_yaml": str(data_yaml), "out_dir": str(work / "out"),
-            "imgsz": policy.imgsz, "finetune": policy.finetune_params(), "eval_sets": eval_sets,
+            "base_weights": data["production_pt"], "data_yaml": data["data_yaml"], "out_dir": str(out),
+            "imgsz": policy.imgsz, "finetune": policy.finetune_params(), "eval_sets": data["eval_sets"],
             "onnx_eval_sets": ["golden", "new_data"], "engine_targets": engine_targets,
-            "production_weights": str(prod_pt), "config_dir": str((s.data_dir / "ultralytics").resolve()),
+            "production_weights": data["production_pt"], "config_dir": str((s.data_dir / "ultralytics").resolve()),
             "eval_cache_dir": str((s.data_dir / "eval-cache").resolve()),
         }
 
         def on_event(event: dict) -> None:
             kind = event.get("event")
-            if kind == "stage":
-                self._update(job_id, stage=event["stage"])
+            if kind == "started":  # where the run is, so a restart can end it before running it again
+                self._set_stage_state(job.id, "train", {"status": RUNNING, "process": event})
+            elif kind == "stage":
+                self._update(job.id, stage=event["stage"])
             elif kind == "epoch":
                 epoch, epochs, seconds = event["epoch"], event["epochs"], event.get("seconds")
                 # ETA from the mean epoch time so far: epochs here are of equal size.
                 eta = round(seconds / epoch * (epochs - epoch), 1) if seconds and epoch else None
-                self._update(job_id, progress={"epoch": epoch, "epochs": epochs, "losses": event.get("losses", {}),
+                self._update(job.id, progress={"epoch": epoch, "epochs": epochs, "losses": event.get("losses", {}),
                                                "seconds": seconds, "eta_seconds": eta})
             elif kind in {"evaluated", "error"}:
-                self._log(job_id, str(event))
+                self._log(job.id, str(event))
 
         t0 = time.monotonic()
-        result = self._executor.run(spec, work, on_event)
+        result = self._executor.run(spec, job.work, on_event)
+        self._update(job.id, stage="train")
+        missing = [k for k in ("best_pt", "onnx") if not result.get(k) or not Path(result[k]).is_file()]
+        if result.get("int8_onnx") and not Path(result["int8_onnx"]).is_file():
+            missing.append("int8_onnx")
+        if missing:
+            raise JobFailed(f"the executor's result names outputs that are not there: {', '.join(missing)}")
         with self._sessions() as session:
-            job = session.get(TrainingJob, job_id)
-            job.stages = {**job.stages, **{k: round(v, 3) for k, v in result["stages"].items()}}
+            row = session.get(TrainingJob, job.id)
+            row.stages = {**row.stages, **{k: round(v, 3) for k, v in result["stages"].items()}}
             session.commit()
-        self._log(job_id, f"executor finished in {time.monotonic() - t0:.1f}s")
+        self._log(job.id, f"executor finished in {time.monotonic() - t0:.1f}s")
+        for build in result.get("engines", []):
+            self._log(job.id, f"engine {build['target']}: {build['status']} {build.get('reason', '')}".rstrip())
+        job.result = result
+        return {"result": result}
 
+    def _train_reusable(self, job: _Job, output: dict) -> bool:
+        result = output.get("result") or {}
+        files = [result.get("best_pt"), result.get("onnx"), result.get("int8_onnx") or None]
+        if not result.get("best_pt") or not all(Path(f).is_file() for f in files if f):
+            return False
+        job.result = result
+        return True
+
+    def _gate(self, job: _Job) -> dict:
+        policy = self._settings.training
+        result = job.outputs["train"]["result"]
         candidate, production = result["metrics"]["candidate"], result["metrics"]["production"]
-        with self._stage(job_id, "gate"):
-            decision = decide(candidate, production, GatePolicy(
-                policy.golden_tolerance, policy.min_new_data_gain, max_recall_drop=policy.max_recall_drop,
-                artifact_tolerance=policy.artifact_tolerance, min_slice_instances=policy.min_slice_instances))
+        decision = decide(candidate, production, GatePolicy(
+            policy.golden_tolerance, policy.min_new_data_gain, max_recall_drop=policy.max_recall_drop,
+            artifact_tolerance=policy.artifact_tolerance, min_slice_instances=policy.min_slice_instances))
+        if not decision.passed:
+            self._log(job.id, "gate failed: " + "; ".join(decision.reasons))
+        return decision.as_dict()
+
+    def _bundle(self, job: _Job) -> dict:
+        s, policy = self._settings, self._settings.training
+        snap, result = job.outputs["snapshot"], job.outputs["train"]["result"]
+        with self._sessions() as session:
+            row = session.get(TrainingJob, job.id)
+            version = row.candidate_version
+            if version is None or session.get(ModelVersion, version) is not None:
+                row.candidate_version = None
+                session.flush()
+                version = registry.next_version(session)  # counts numbers other running jobs reserved
+                row.candidate_version = version
+            session.commit()
+        candidate = result["metrics"]["candidate"]
+        int8 = Path(result["int8_onnx"]) if result.get("int8_onnx") else None
+        bundle_path, bundle_sha, bundle_size = self._publisher.build(
+            onnx=Path(result["onnx"]), int8_onnx=int8, version=version, out=job.work / "bundle.tar",
+            imgsz=policy.imgsz,
+            lineage={"snapshot_id": snap["id"], "parent_version": snap["production_version"],
+                     "job_id": str(job.id), "model_name": s.model_name},
+            metrics={f"{k}.{m}": v[m] for k, v in candidate.items() for m in ("map50", "map50_95")},
+        )
+        return {"version": version, "path": str(bundle_path), "sha256": bundle_sha, "size": bundle_size}
+
+    def _bundle_reusable(self, job: _Job, output: dict) -> bool:
+        path = Path(output.get("path", ""))
+        if not path.is_file() or sha256_file(path) != output.get("sha256"):
+            return False
+        with self._sessions() as session:  # the number it carries must still be this job's
+            row = session.get(TrainingJob, job.id)
+            return row.candidate_version == output["version"] and session.get(ModelVersion, output["version"]) is None
+
+    def _register(self, job: _Job) -> dict:
+        bundle, result = job.outputs["bundle"], job.outputs["train"]["result"]
+        keys = self._publisher.upload(bundle["version"], pt=Path(result["best_pt"]), onnx=Path(result["onnx"]),
+                                      bundle=Path(bundle["path"]))
+        return {"keys": keys}
+
+    def _commit(self, job: _Job) -> dict:
+        """The commit point, one transaction: the snapshot is recorded and its samples consumed, the
+        version registered (candidate or production, or kept as rejected), and the job finished."""
+        s, policy = self._settings, self._settings.training
+        snap, result, gate = job.outputs["snapshot"], job.outputs["train"]["result"], job.outputs["gate"]
+        if job.manifest is None:
+            job.manifest = load_snapshot_manifest(self._store, snap["id"])
+        candidate, production = result["metrics"]["candidate"], result["metrics"]["production"]
+        passed = bool(gate["passed"])
         artifacts = {"export": result.get("export", {}), "engines": result.get("engines", []),
                      "int8": result.get("int8", {})}
-        for build in artifacts["engines"]:
-            self._log(job_id, f"engine {build['target']}: {build['status']} {build.get('reason', '')}".rstrip())
         hyper = {**result["hyperparameters"], "environment": result["environment"],
                  "replay_ratio": policy.replay_ratio, "val_fraction": policy.val_fraction}
         with self._sessions() as session:
-            version = registry.next_version(session)
+            row = session.get(TrainingJob, job.id)
+            if row.status != "running":
+                raise JobFailed(f"job is {row.status}, not running: it cannot commit")
+            prod = registry.production(session)
+            if prod is None or prod.version != snap["production_version"]:
+                now = prod.version if prod else None
+                raise JobFailed(f"production changed from version {snap['production_version']} to {now} while "
+                                "the job ran: its gate compared against a model that is no longer production")
+            if passed:
+                version = job.outputs["bundle"]["version"]
+                if row.candidate_version != version or session.get(ModelVersion, version) is not None:
+                    raise JobFailed(f"version {version} was taken while the job ran")
+            else:
+                version = registry.next_version(session)
+            snapshot = claim_snapshot(session, snap["id"], job.manifest)
             mv = ModelVersion(
-                version=version, name=s.model_name, status="candidate", parent_version=prod_version,
-                snapshot_id=snapshot.id, job_id=job_id, metrics=candidate, hyperparameters=hyper,
-                gate={**decision.as_dict(), "production_metrics": production}, class_names=s.class_names,
-                imgsz=policy.imgsz, reason="; ".join(decision.reasons), artifacts=artifacts,
+                version=version, name=s.model_name, status="candidate" if passed else "rejected",
+                parent_version=snap["production_version"], snapshot_id=snapshot.id, job_id=job.id,
+                metrics=candidate, hyperparameters=hyper, gate={**gate, "production_metrics": production},
+                class_names=s.class_names, imgsz=policy.imgsz, reason="; ".join(gate["reasons"]),
+                artifacts=artifacts,
             )
             session.add(mv)
-            session.commit()
-        if not decision.passed:
-            with self._sessions() as session:
-                session.get(ModelVersion, version).status = "rejected"
-                job = session.get(TrainingJob, job_id)
-                job.status, job.candidate_version = "rejected", version
-                job.result = {**(job.result or {}), "gate": decision.as_dict(), "metrics": result["metrics"]}
-                session.commit()
-            self._log(job_id, "gate failed: " + "; ".join(decision.reasons))
-            self._alert(AlertKind.MODEL_REJECTED, Severity.WARNING,
-                        f"candidate version {version} rejected: " + "; ".join(decision.reasons),
-                        subject=f"model {version}", version=version, job_id=job_id, gate=decision.as_dict())
-            return "rejected"
-
-        with self._stage(job_id, "bundle"):
-            int8 = Path(result["int8_onnx"]) if result.get("int8_onnx") else None
-            bundle_path, bundle_sha, bundle_size = self._publisher.build(
-                onnx=Path(result["onnx"]), int8_onnx=int8, version=version, out=work / "bundle.tar",
-                imgsz=policy.imgsz,
-                lineage={"snapshot_id": snapshot.id, "parent_version": prod_version, "job_id": str(job_id),
-                         "model_name": s.model_name},
-                metrics={f"{k}.{m}": v[m] for k, v in candidate.items() for m in ("map50", "map50_95")},
-            )
-        with self._stage(job_id, "register"):
-            keys = self._publisher.upload(version, pt=Path(result["best_pt"]), onnx=Path(result["onnx"]),
-                                          bundle=bundle_path)
-            with self._sessions() as session:
-                mv = session.get(ModelVersion, version)
-                for key, value in keys.items():
+            automatic = passed and policy.approval == "auto"
+            if passed:
+                for key, value in job.outputs["register"]["keys"].items():
                     setattr(mv, key, value)
-                mv.bundle_sha256, mv.bundle_size = bundle_sha, bundle_size
-                automatic = policy.approval == "auto"
-                if automatic:
-                    registry.approve(session, version, "policy:auto")
-                    audit.record(session, "policy:auto", "model.approve", f"version:{version}", "pipeline",
-                                 reason="gate passed; approval policy is automatic")
-                else:
-                    registry.set_alias(session, registry.CANDIDATE, version)
-                job = session.get(TrainingJob, job_id)
-                job.status, job.candidate_version = "succeeded", version
-                job.result = {**(job.result or {}), "gate": decision.as_dict(), "metrics": result["metrics"]}
-                session.commit()
-        if not automatic:
-            self._log(job_id, f"registered version {version} as candidate, awaiting an operator's approval")
-            return "succeeded"
-        self._log(job_id, f"registered version {version} as production")
-        if self._on_promoted is not None:
-            self._on_promoted(version)
-        return "succeeded"
+                mv.bundle_sha256, mv.bundle_size = job.outputs["bundle"]["sha256"], job.outputs["bundle"]["size"]
+            session.flush()
+            if automatic:
+                registry.approve(session, version, "policy:auto")
+                audit.record(session, "policy:auto", "model.approve", f"version:{version}", "pipeline",
+                             reason="gate passed; approval policy is automatic")
+            elif passed:
+                registry.set_alias(session, registry.CANDIDATE, version)
+            outcome = "succeeded" if passed else "rejected"
+            row.status, row.candidate_version = outcome, version
+            row.result = {**(row.result or {}), "gate": gate, "metrics": result["metrics"]}
+            self._write_stage_state(row, "commit", {"status": DONE, "output": {
+                "outcome": outcome, "version": version, "samples": snap["sample_count"],
+                "automatic": automatic}})
+            session.commit()
+        return {"outcome": outcome, "version": version, "automatic": automatic}
+
+    def _after_commit(self, job: _Job, outcome: str) -> None:
+        """Logs, alerts and the promotion hook: after the commit, so none of them can undo it."""
+        commit, gate = job.outputs["commit"], job.outputs["gate"]
+        version = commit["version"]
+        try:
+            self._log(job.id, f"consumed {job.outputs['snapshot']['sample_count']} samples into snapshot "
+                              f"{job.outputs['snapshot']['id'][:12]}")
+            if outcome == "rejected":
+                self._alert(AlertKind.MODEL_REJECTED, Severity.WARNING,
+                            f"candidate version {version} rejected: " + "; ".join(gate["reasons"]),
+                            subject=f"model {version}", version=version, job_id=job.id, gate=gate)
+                return
+            if not commit["automatic"]:
+                self._log(job.id, f"registered version {version} as candidate, awaiting an operator's approval")
+                return
+            self._log(job.id, f"registered version {version} as production")
+            if self._on_promoted is not None:
+                self._on_promoted(version)
+        except Exception:
+            log.exception("retrain.after_commit_failed", job=job.id, version=version)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from server.db.models import Sample, Snapshot
@@ -38,11 +39,21 @@ def _utc_iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat()
 
 
-def build_snapshot(session: Session, store, parent_id: str | None) -> tuple[Snapshot, dict] | None:
-    """Freeze every validated sample not yet in a snapshot. None when there is nothing new."""
+def freeze_snapshot(session: Session, store, parent_id: str | None,
+                    only: Collection[str] | None = None) -> tuple[str, dict] | None:
+    """Write the manifest of every validated sample not yet in a snapshot (of those in ``only``,
+    when given: the ones the data gate checked) to the object store.
+
+    Nothing in the database changes: the samples stay pending until :func:`claim_snapshot`
+    (the retrain job's commit point). Content-addressed, so freezing the same samples again
+    writes the same object. None when there is nothing new.
+    """
     samples = session.scalars(
         select(Sample).where(Sample.status == "validated", Sample.snapshot_id.is_(None)).order_by(Sample.id)
     ).all()
+    if only is not None:
+        keep = set(only)
+        samples = [s for s in samples if s.id in keep]
     if not samples:
         return None
     entries = [
@@ -62,21 +73,40 @@ def build_snapshot(session: Session, store, parent_id: str | None) -> tuple[Snap
     body = {"schema": 1, "parent": parent_id, "samples": entries}
     data = _canonical(body)
     snapshot_id = hashlib.sha256(data).hexdigest()
-    key = f"snapshots/{snapshot_id}.json"
-    store.put_bytes(key, data, "application/json")
+    store.put_bytes(f"snapshots/{snapshot_id}.json", data, "application/json")
+    return snapshot_id, body
+
+
+def claim_snapshot(session: Session, snapshot_id: str, body: dict) -> Snapshot:
+    """Record the snapshot and mark its samples as used by it; the caller commits.
+
+    Only samples still unclaimed are marked: what another snapshot already holds stays there.
+    """
+    entries = body["samples"]
     snapshot = session.get(Snapshot, snapshot_id)
     if snapshot is None:
         snapshot = Snapshot(
             id=snapshot_id,
-            parent_id=parent_id,
+            parent_id=body["parent"],
             sample_count=len(entries),
-            manifest_key=key,
+            manifest_key=f"snapshots/{snapshot_id}.json",
             devices=sorted({e["device_id"] for e in entries}),
         )
         session.add(snapshot)
-    for s in samples:
-        s.snapshot_id = snapshot_id
-    return snapshot, body
+    ids = [e["id"] for e in entries]
+    for i in range(0, len(ids), 500):  # bounded IN lists
+        session.execute(update(Sample).where(Sample.id.in_(ids[i:i + 500]), Sample.snapshot_id.is_(None))
+                        .values(snapshot_id=snapshot_id).execution_options(synchronize_session="fetch"))
+    return snapshot
+
+
+def build_snapshot(session: Session, store, parent_id: str | None) -> tuple[Snapshot, dict] | None:
+    """Freeze every validated sample not yet in a snapshot and claim them at once (caller commits)."""
+    frozen = freeze_snapshot(session, store, parent_id)
+    if frozen is None:
+        return None
+    snapshot_id, body = frozen
+    return claim_snapshot(session, snapshot_id, body), body
 
 
 def is_validation(sample_id: str, val_fraction: float) -> bool:

@@ -59,6 +59,16 @@ class StandInExecutor:
 
 @pytest.fixture
 def ctx(seaweedfs, tmp_path, tiny_onnx):
+    yield from _context(seaweedfs, tmp_path, tiny_onnx)
+
+
+@pytest.fixture
+def any_db_ctx(seaweedfs, tmp_path, tiny_onnx, database_url):
+    """The same context on SQLite and on PostgreSQL: the commit point's one transaction on both."""
+    yield from _context(seaweedfs, tmp_path, tiny_onnx, database_url)
+
+
+def _context(seaweedfs, tmp_path, tiny_onnx, database_url: str = ""):
     replay = tmp_path / "replay"
     (replay / "images" / "train").mkdir(parents=True)
     for i in range(10):
@@ -69,7 +79,7 @@ def ctx(seaweedfs, tmp_path, tiny_onnx):
         data_dir=tmp_path / "server", s3_endpoint=seaweedfs.endpoint, s3_access_key=seaweedfs.access_key,
         s3_secret_key=seaweedfs.secret_key, s3_bucket=f"pipe-{uuid.uuid4().hex[:8]}",
         eval_sets={"golden": tmp_path / "golden.yaml"}, replay_data=replay / "data.yaml",
-        class_names=["a", "b", "c"],
+        class_names=["a", "b", "c"], database_url=database_url,
     )
     context = build_context(settings, connect_mqtt=False)
     seed_onnx = tiny_onnx("seed.onnx")
@@ -225,6 +235,28 @@ def test_too_many_rejects_halt_the_job_change_nothing_and_raise_an_alert(ctx, ti
         assert session.query(Snapshot).count() == 0
     (alert,) = _alerts(ctx, "data_contract_halt")
     assert alert.severity == "critical" and "halted" in alert.message
+    assert len(job.result["halted"]["rejected"]) == 5 and job.result["halted"]["resolved"] is None
+
+
+def test_an_engineer_drops_a_halted_batchs_rejects_and_the_next_job_trains_on_the_rest(ctx, tiny_onnx):
+    from server.pipeline.trigger import RetrainScheduler
+
+    good = _add_samples(ctx, 10)
+    bad = _add_samples(ctx, 5, start=200, labels=[{"cls": 9, "cx": 0.5, "cy": 0.5, "w": 0.2, "h": 0.2}])
+    halted, _ = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), GOOD))
+    scheduler = RetrainScheduler(ctx.sessions, lambda job_id: None)  # not started: we run the job here
+    assert scheduler.request("threshold", "16 validated samples", "ingest") is None  # held: no job per sample
+    dropped, queued = scheduler.resolve_halt(halted.id, "alice", "cls 9 is a labelling-tool bug", "api")
+    assert dropped == 5
+    promoted: list[int] = []
+    RetrainRunner(ctx.settings, ctx.sessions, ctx.store, StandInExecutor(tiny_onnx("c2.onnx"), GOOD), ctx.publisher,
+                  promoted.append, alerts=ctx.alerts).run(queued.id)
+    with ctx.sessions() as session:
+        job = session.get(TrainingJob, queued.id)
+        assert job.status == "succeeded", job.log
+        assert {s.id for s in session.query(Sample).filter_by(snapshot_id=job.snapshot_id)} == set(good)
+        assert {session.get(Sample, i).status for i in bad} == {"rejected"}
+    assert promoted == [2]
 
 
 def test_a_label_flipping_device_is_quarantined_its_samples_held_and_released_on_review(ctx, tiny_onnx):
@@ -360,3 +392,341 @@ def test_several_source_devices_get_one_eval_slice_each_over_their_share_of_new_
               for d in ("cam-1", "cam-2")]
     assert sorted(Path(p).name for s in slices for p in s) == sorted(p.name for p in Path(new_val).glob("*.jpg"))
     assert executor.spec["eval_cache_dir"].endswith("eval-cache")
+
+
+# ---------------------------------------------------------------------- a pipeline that never loses data
+#
+# Samples are consumed (put in a snapshot) only at the job's commit point, when the candidate was
+# registered or rejected by its gate. A job that breaks anywhere before leaves them pending, the
+# registry as it was (no version, no candidate row or alias without a bundle), and nothing
+# uploaded under a version number; the next job trains on the same samples.
+
+
+class Crash(BaseException):
+    """The server dying mid-stage: not an Exception, so no failure path runs (like SIGKILL)."""
+
+
+def _books(ctx) -> dict:
+    from server.db.models import Alias
+
+    with ctx.sessions() as session:
+        samples = session.query(Sample).all()
+        return {
+            "pending": sorted(s.id for s in samples if s.status == "validated" and s.snapshot_id is None),
+            "consumed": sorted(s.id for s in samples if s.snapshot_id is not None),
+            "versions": sorted((m.version, m.status, bool(m.bundle_key)) for m in session.query(ModelVersion)),
+            "snapshots": session.query(Snapshot).count(),
+            "aliases": {a.name: a.version for a in session.query(Alias)},
+        }
+
+
+def _assert_nothing_lost(ctx, job, ids: list[str]) -> None:
+    books = _books(ctx)
+    assert job.status == "failed"
+    assert books["pending"] == sorted(ids) and books["consumed"] == [], "a failed job consumed samples"
+    assert books["versions"] == [(1, "production", True)], "a failed job left a version behind"
+    assert books["snapshots"] == 0
+    assert books["aliases"] == {"production": 1}
+    assert job.candidate_version is None
+    assert not [k for k in (info.key for info in ctx.store.list("models/")) if "/000002/" in k]
+
+
+def _next_job_uses_them(ctx, tiny_onnx, ids: list[str]) -> None:
+    job, promoted = _run(ctx, StandInExecutor(tiny_onnx("retry.onnx"), GOOD))
+    assert job.status == "succeeded", job.log
+    assert promoted == [2]
+    books = _books(ctx)
+    assert books["consumed"] == sorted(ids) and books["pending"] == []
+    with ctx.sessions() as session:
+        assert session.get(Snapshot, job.snapshot_id).sample_count == len(ids)
+
+
+def _trainer(code: str):
+    import sys
+
+    from server.pipeline.executor import LocalSubprocessExecutor
+
+    return LocalSubprocessExecutor(command=[sys.executable, "-c", code], timeout_seconds=30, kill_grace_seconds=1)
+
+
+def test_a_trainer_that_exits_non_zero_leaves_the_samples_pending(any_db_ctx, tiny_onnx):
+    ctx = any_db_ctx
+    ids = _add_samples(ctx, 8)
+    code = ("import json, sys; print(json.dumps({'event': 'stage', 'stage': 'train', 'status': 'started'}));"
+            "print('Traceback: CUDA out of memory', flush=True); sys.exit(3)")
+    job, promoted = _run(ctx, _trainer(code))
+    assert "training subprocess exited 3" in job.result["error"] and promoted == []
+    assert job.result["failed_stage"] == "train"
+    assert "nothing was consumed: 8 validated samples are pending" in job.log
+    _assert_nothing_lost(ctx, job, ids)
+    _next_job_uses_them(ctx, tiny_onnx, ids)
+
+
+def test_an_evaluation_error_leaves_the_samples_pending(ctx, tiny_onnx):
+    ids = _add_samples(ctx, 8)
+    code = ("import json, sys\n"
+            "for s in ('train', 'evaluate'): print(json.dumps({'event': 'stage', 'stage': s, 'status': 'started'}))\n"
+            "print(json.dumps({'event': 'error', 'error': 'RuntimeError: golden set labels missing'}))\n"
+            "sys.exit(1)")
+    job, _ = _run(ctx, _trainer(code))
+    assert job.result["error"] == "RuntimeError: golden set labels missing"
+    assert job.result["pipeline"]["stages"]["train"]["status"] == "failed"
+    assert "failed at train (evaluate): RuntimeError: golden set labels missing" in job.log
+    _assert_nothing_lost(ctx, job, ids)
+    _next_job_uses_them(ctx, tiny_onnx, ids)
+
+
+def test_a_hung_trainer_is_killed_at_the_timeout_and_the_samples_stay_pending(ctx, tiny_onnx):
+    import sys
+
+    from server.pipeline.executor import LocalSubprocessExecutor
+
+    ids = _add_samples(ctx, 5)
+    hang = "import json, time; print(json.dumps({'event': 'stage', 'stage': 'train'}), flush=True); time.sleep(600)"
+    t0 = time.monotonic()
+    job, _ = _run(ctx, LocalSubprocessExecutor(command=[sys.executable, "-c", hang], timeout_seconds=2,
+                                               kill_grace_seconds=1))
+    assert time.monotonic() - t0 < 15
+    assert "exceeded its 2s timeout and was killed" in job.result["error"]
+    _assert_nothing_lost(ctx, job, ids)
+
+
+def test_an_export_that_produced_no_onnx_fails_the_job_and_keeps_the_samples(ctx, tmp_path, tiny_onnx):
+    ids = _add_samples(ctx, 6)
+    job, _ = _run(ctx, StandInExecutor(tmp_path / "never-written.onnx", GOOD))
+    assert "outputs that are not there: onnx" in job.result["error"]
+    _assert_nothing_lost(ctx, job, ids)
+    _next_job_uses_them(ctx, tiny_onnx, ids)
+
+
+def test_a_bundle_error_leaves_no_candidate_row_and_the_samples_pending(ctx, tiny_onnx, monkeypatch):
+    ids = _add_samples(ctx, 6)
+
+    def broken(**kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ctx.publisher, "build", broken)
+    job, promoted = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), GOOD))
+    assert job.result["error"] == "OSError: No space left on device" and promoted == []
+    assert job.result["failed_stage"] == "bundle"
+    _assert_nothing_lost(ctx, job, ids)
+    monkeypatch.undo()
+    _next_job_uses_them(ctx, tiny_onnx, ids)  # the number it had reserved is free again: version 2
+
+
+def test_an_upload_that_breaks_half_way_leaves_nothing_under_the_reserved_version(ctx, tiny_onnx, monkeypatch):
+    ids = _add_samples(ctx, 6)
+    put_file = ctx.store.put_file
+
+    def flaky(key, path, *args, **kwargs):
+        if key.endswith("bundle.tar"):
+            raise ConnectionError("object store went away")
+        return put_file(key, path, *args, **kwargs)
+
+    monkeypatch.setattr(ctx.store, "put_file", flaky)
+    job, _ = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), GOOD))
+    assert job.result["failed_stage"] == "register"
+    _assert_nothing_lost(ctx, job, ids)  # model.pt and model.onnx went up, and were removed
+
+
+def test_the_commit_is_one_transaction(any_db_ctx, tiny_onnx, monkeypatch):
+    ctx = any_db_ctx
+    ids = _add_samples(ctx, 6)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("audit log unavailable")
+
+    monkeypatch.setattr("server.pipeline.runner.audit.record", broken)
+    job, promoted = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), GOOD))
+    assert job.result["error"] == "RuntimeError: audit log unavailable" and promoted == []
+    assert job.result["failed_stage"] == "commit"
+    _assert_nothing_lost(ctx, job, ids)  # the snapshot, the samples and the version rolled back together
+
+
+def test_a_gate_rejection_consumes_the_samples_on_purpose(ctx, tiny_onnx):
+    ids = _add_samples(ctx, 6)
+    worse = {"golden": {"map50": 0.80, "map50_95": 0.45}, "new_data": {"map50": 0.95, "map50_95": 0.60}}
+    job, _ = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), worse))
+    assert job.status == "rejected" and job.candidate_version == 2
+    books = _books(ctx)
+    assert books["consumed"] == sorted(ids) and books["pending"] == []
+    assert books["versions"] == [(1, "production", True), (2, "rejected", False)]
+    assert books["aliases"] == {"production": 1}
+    stages = job.result["pipeline"]["stages"]
+    assert stages["bundle"]["status"] == stages["register"]["status"] == "skipped"
+
+
+def test_production_changing_while_the_job_runs_fails_it_at_the_commit(ctx, tiny_onnx, tmp_path, monkeypatch):
+    ids = _add_samples(ctx, 6)
+    build = ctx.publisher.build
+
+    def operator_registers_meanwhile(**kwargs):
+        # The job reserved number 2 for its bundle: the operator's model gets 3, nothing is overwritten.
+        (tmp_path / "other.pt").write_bytes(b"other")
+        (tmp_path / "external").mkdir()
+        monkeypatch.setattr(ctx.publisher, "build", build)
+        assert ctx.publisher.register_external(pt=tmp_path / "other.pt", onnx=tiny_onnx("other.onnx"), imgsz=32,
+                                               metrics=PROD, hyperparameters={}, actor="op", source="",
+                                               work_dir=tmp_path / "external") == 3
+        return build(**kwargs)
+
+    monkeypatch.setattr(ctx.publisher, "build", operator_registers_meanwhile)
+    job, promoted = _run(ctx, StandInExecutor(tiny_onnx("candidate.onnx"), GOOD))
+    assert job.status == "failed" and promoted == []
+    assert "production changed from version 1 to 3" in job.result["error"]
+    books = _books(ctx)
+    assert books["pending"] == sorted(ids) and books["consumed"] == []
+    assert books["versions"] == [(1, "archived", True), (3, "production", True)]
+    assert not [info.key for info in ctx.store.list("models/") if "/000002/" in info.key]
+
+
+# ---------------------------------------------------------------------- resume after a restart
+
+
+CRASH_POINTS = {
+    # stage: (where the crash is injected, stages that must not run again on resume)
+    "snapshot": ("server.pipeline.runner.freeze_snapshot", {"validate"}),
+    "dataset": ("server.pipeline.runner.materialize", {"validate", "snapshot"}),
+    "train": ("executor", {"validate", "snapshot", "dataset"}),
+    "gate": ("server.pipeline.runner.decide", {"validate", "snapshot", "dataset", "train"}),
+    "bundle": ("publisher.build", {"validate", "snapshot", "dataset", "train", "gate"}),
+    "register": ("publisher.upload", {"validate", "snapshot", "dataset", "train", "gate", "bundle"}),
+    "commit": ("server.pipeline.runner.audit.record",
+               {"validate", "snapshot", "dataset", "train", "gate", "bundle", "register"}),
+}
+
+
+class CountingExecutor(StandInExecutor):
+    def __init__(self, *args, crash: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.runs, self.crash, self.abandoned = 0, crash, []
+
+    def run(self, spec, work_dir, on_event):
+        self.runs += 1
+        on_event({"event": "started", "executor": "stand-in", "pid": 0, "spec": str(work_dir / "spec.json")})
+        if self.crash:
+            raise Crash("server killed during training")
+        return super().run(spec, work_dir, on_event)
+
+    def abandon(self, started):
+        self.abandoned.append(started)
+        return True
+
+
+@pytest.mark.parametrize("stage", list(CRASH_POINTS))
+def test_a_server_killed_in_any_stage_resumes_the_job_and_consumes_the_samples_once(any_db_ctx, tiny_onnx,
+                                                                                     monkeypatch, stage):
+    from server.pipeline.trigger import RetrainScheduler
+
+    ctx = any_db_ctx
+
+    ids = _add_samples(ctx, 8)
+    target, kept = CRASH_POINTS[stage]
+    executor = CountingExecutor(tiny_onnx("candidate.onnx"), GOOD, crash=target == "executor")
+
+    def crash(*args, **kwargs):
+        raise Crash(f"server killed in {stage}")
+
+    if target == "publisher.build":
+        monkeypatch.setattr(ctx.publisher, "build", crash)
+    elif target == "publisher.upload":
+        monkeypatch.setattr(ctx.publisher, "upload", crash)
+    elif target != "executor":
+        monkeypatch.setattr(target, crash)
+    with ctx.sessions() as session:
+        row = TrainingJob(trigger="threshold", reason="test")
+        session.add(row)
+        session.commit()
+        job_id = row.id
+    promoted: list[int] = []
+    runner = RetrainRunner(ctx.settings, ctx.sessions, ctx.store, executor, ctx.publisher, promoted.append,
+                           alerts=ctx.alerts)
+    with pytest.raises(Crash):
+        runner.run(job_id)
+
+    # Dead server: the job is still running and has consumed nothing.
+    with ctx.sessions() as session:
+        job = session.get(TrainingJob, job_id)
+        assert job.status == "running"
+        first_state = job.result["pipeline"]["stages"]
+        snapshot_id = job.snapshot_id
+    assert set(first_state) >= kept
+    books = _books(ctx)
+    assert books["consumed"] == [] and books["pending"] == sorted(ids)
+    assert books["versions"] == [(1, "production", True)] and books["aliases"] == {"production": 1}
+
+    # Samples that arrive while it is down did not pass this job's data gate: not in its snapshot.
+    late = _add_samples(ctx, 2, start=500)
+    # A new server starts: the job is picked up where it stopped.
+    monkeypatch.undo()
+    executor.crash = False
+    runs_before = executor.runs
+    scheduler = RetrainScheduler(ctx.sessions, lambda job_id: None)
+    assert scheduler.recover() == [job_id]
+    runner = RetrainRunner(ctx.settings, ctx.sessions, ctx.store, executor, ctx.publisher, promoted.append,
+                           alerts=ctx.alerts)
+    runner.run(job_id)
+
+    with ctx.sessions() as session:
+        job = session.get(TrainingJob, job_id)
+    assert job.status == "succeeded", job.log
+    assert promoted == [2]
+    assert job.result["pipeline"]["attempt"] == 2
+    assert "server restarted while the job was running: resuming at" in job.log
+    if stage not in {"snapshot"}:
+        assert job.snapshot_id == snapshot_id  # the same frozen samples
+    assert executor.runs == runs_before + (0 if "train" in kept else 1)
+    if stage == "train":
+        assert executor.abandoned and executor.abandoned[0]["spec"].endswith("spec.json")
+    books = _books(ctx)
+    assert books["consumed"] == sorted(ids) and books["pending"] == sorted(late)
+    assert books["versions"] == [(1, "archived", True), (2, "production", True)]
+    with ctx.sessions() as session:
+        assert session.query(Snapshot).count() == 1
+
+
+def test_a_job_that_keeps_killing_the_server_is_failed_cleanly_after_its_attempts(ctx, tiny_onnx):
+    from server.pipeline.stages import MAX_ATTEMPTS
+    from server.pipeline.trigger import RetrainScheduler
+
+    ids = _add_samples(ctx, 4)
+    executor = CountingExecutor(tiny_onnx("candidate.onnx"), GOOD, crash=True)
+    with ctx.sessions() as session:
+        row = TrainingJob(trigger="manual", reason="test")
+        session.add(row)
+        session.commit()
+        job_id = row.id
+    runner = RetrainRunner(ctx.settings, ctx.sessions, ctx.store, executor, ctx.publisher, alerts=ctx.alerts)
+    for _ in range(MAX_ATTEMPTS):
+        with pytest.raises(Crash):
+            runner.run(job_id)
+        resumed = RetrainScheduler(ctx.sessions, lambda job_id: None).recover()
+    assert resumed == []
+    with ctx.sessions() as session:
+        job = session.get(TrainingJob, job_id)
+    assert job.status == "failed" and f"already started {MAX_ATTEMPTS} times" in job.result["error"]
+    _assert_nothing_lost(ctx, job, ids)
+
+
+def test_a_job_killed_before_any_stage_finished_is_failed_and_its_samples_released(ctx, tiny_onnx, monkeypatch):
+    from server.pipeline.trigger import RetrainScheduler
+
+    ids = _add_samples(ctx, 4)
+
+    def crash(*args, **kwargs):
+        raise Crash("killed during the data gate")
+
+    monkeypatch.setattr("server.pipeline.runner.DataGate.run", crash)
+    with ctx.sessions() as session:
+        row = TrainingJob(trigger="manual", reason="test")
+        session.add(row)
+        session.commit()
+        job_id = row.id
+    with pytest.raises(Crash):
+        RetrainRunner(ctx.settings, ctx.sessions, ctx.store, StandInExecutor(tiny_onnx("c.onnx"), GOOD),
+                      ctx.publisher).run(job_id)
+    assert RetrainScheduler(ctx.sessions, lambda job_id: None).recover() == []
+    with ctx.sessions() as session:
+        job = session.get(TrainingJob, job_id)
+    assert "nothing of it was kept to resume from" in job.result["error"]
+    _assert_nothing_lost(ctx, job, ids)

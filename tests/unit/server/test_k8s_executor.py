@@ -647,3 +647,21 @@ def test_a_result_naming_an_int8_model_that_was_not_uploaded_is_a_failure(tmp_pa
     with pytest.raises(JobFailed, match="int8_onnx .*was not uploaded"):
         executor.run(spec, work, lambda e: None)
     assert_torn_down(cluster, store)
+
+
+def test_a_run_a_dead_server_left_behind_is_deleted_on_resume(tmp_path, spec):
+    store = FakeStore()
+    cluster = FakeCluster(store, log_lines=lines(*TRAINING_EVENTS))
+    executor, work, _ = make(tmp_path, cluster, store)
+    events: list[dict] = []
+    executor.run(spec, work, events.append)
+    (started,) = [e for e in events if e["event"] == "started"]
+    assert started["k8s_job"] == "edgeloop-train-000042-abc123"
+    assert started["prefix"] == "k8s-jobs/edgeloop-train-000042-abc123/"
+    # As if the server had died mid-run: the Job and its staged inputs are still there.
+    cluster.jobs[started["k8s_job"]] = client.V1Job(metadata=client.V1ObjectMeta(name=started["k8s_job"]))
+    store.objects[started["prefix"] + "inputs.tar"] = b"tar"
+    cluster.deleted.clear()
+    assert executor.abandon(started) is True
+    assert_torn_down(cluster, store)
+    assert executor.abandon({"k8s_job": "x", "prefix": "k8s-jobs/x/", "namespace": "elsewhere"}) is False

@@ -48,8 +48,9 @@ def test_a_hung_trainer_and_its_children_are_killed_at_the_timeout(tmp_path):
         executor.run({"out_dir": str(tmp_path / "out")}, tmp_path, events.append)
     elapsed = time.monotonic() - t0
     assert elapsed < 3 + 1 + 3, f"took {elapsed:.1f}s to give up on a 3s timeout"
-    assert events and events[0]["stage"] == "train"
-    child = events[0]["child"]
+    started, stage = events
+    assert started["event"] == "started" and started["pid"] > 0 and stage["stage"] == "train"
+    child = stage["child"]
     deadline = time.monotonic() + 5
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -96,5 +97,25 @@ def test_a_good_trainer_returns_its_result_and_relays_events(tmp_path):
     result = LocalSubprocessExecutor(command=_trainer(code), timeout_seconds=30).run({"imgsz": 64}, tmp_path,
                                                                                     events.append)
     assert result == {"imgsz": 64}
-    assert [e["event"] for e in events] == ["epoch", "result"]
+    assert [e["event"] for e in events] == ["started", "epoch", "result"]
     assert json.loads((tmp_path / "spec.json").read_text()) == {"imgsz": 64}
+
+
+def test_abandon_ends_a_trainer_left_behind_and_nothing_else(tmp_path):
+    import subprocess
+
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(spec)], start_new_session=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    try:
+        executor = LocalSubprocessExecutor(timeout_seconds=30)
+        # A pid that is not the trainer this spec started (reused, or another process) is left alone.
+        assert executor.abandon({"pid": other.pid, "spec": str(spec)}) is False
+        assert executor.abandon({"pid": left.pid, "spec": str(spec)}) is True
+        assert left.wait(timeout=5) == -9
+        assert other.poll() is None
+        assert executor.abandon({"pid": left.pid, "spec": str(spec)}) is False  # gone
+    finally:
+        other.kill()
+        other.wait()
