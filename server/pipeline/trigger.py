@@ -127,7 +127,7 @@ class RetrainScheduler:
                     return running
                 blocked = self._threshold_blocked(session)
                 if blocked:
-                    log.info("retrain.threshold_held", reason=blocked)
+                    log.debug("retrain.threshold_held", reason=blocked)  # fires once per sample
                     return None
             job = TrainingJob(trigger=trigger, reason=reason, requested_by=requested_by)
             session.add(job)
