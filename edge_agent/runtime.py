@@ -341,7 +341,11 @@ class Agent:
         self.mqtt.publish(ShadowReport(device_id=self.device_id, update_id=rec.update_id,
                                        active_version=self.active_version, candidate_version=rec.version,
                                        window=self._shadow_window, **report))
-        failure = shadow_gate_failure(report, self.settings.shadow_max_errors, self.settings.shadow_accuracy_tolerance)
+        # Awaiting the server's promotion, accuracy is the rollout's sequential decision over every
+        # window (one window is far too little evidence to reject on); the device still stops a
+        # candidate that crashes.
+        tolerance = 1.0 if rec.await_promotion else self.settings.shadow_accuracy_tolerance
+        failure = shadow_gate_failure(report, self.settings.shadow_max_errors, tolerance)
         if failure:
             self._end_shadow()
             self.updater.transition(Event.SHADOW_FAILED, f"{failure} ({_describe(report)})")

@@ -120,6 +120,8 @@ class ShadowRunner:
         self._corrected = 0
         self._active_correct = 0
         self._candidate_correct = 0
+        self._candidate_only = 0
+        self._active_only = 0
         self._active_latency = LatencyWindow()
         self._candidate_latency = LatencyWindow()
         self.done = threading.Event()
@@ -188,15 +190,22 @@ class ShadowRunner:
                 self._active_latency.add(item.active_latency_ms)
                 self._candidate_latency.add(result.latency_ms)
                 if item.truths is not None:
-                    self._corrected += 1
-                    self._active_correct += frame_is_correct(item.active, item.truths, iou=self._iou)
-                    self._candidate_correct += frame_is_correct(result.detections, item.truths, iou=self._iou)
+                    self._count_known(frame_is_correct(item.active, item.truths, iou=self._iou),
+                                      frame_is_correct(result.detections, item.truths, iou=self._iou))
         if result is not None and self._on_compared is not None:
             try:
                 self._on_compared(item, list(result.detections))
             except Exception as exc:  # collecting a sample must never break the comparison
                 log.warning("shadow.on_compared_failed", error=str(exc))
         self._check_done()
+
+    def _count_known(self, active_right: bool, candidate_right: bool) -> None:
+        """One frame whose truth is known (caller holds the lock): both models judged on it."""
+        self._corrected += 1
+        self._active_correct += active_right
+        self._candidate_correct += candidate_right
+        self._candidate_only += candidate_right and not active_right
+        self._active_only += active_right and not candidate_right
 
     def _check_done(self) -> None:
         if self.frames >= self._window:
@@ -212,6 +221,8 @@ class ShadowRunner:
                 "corrected_frames": self._corrected,
                 "active_accuracy": self._active_correct / self._corrected if self._corrected else None,
                 "candidate_accuracy": self._candidate_correct / self._corrected if self._corrected else None,
+                "candidate_only_correct": self._candidate_only,
+                "active_only_correct": self._active_only,
                 "active_latency_ms_p50": self._active_latency.percentile(50),
                 "active_latency_ms_p99": self._active_latency.percentile(99),
                 "candidate_latency_ms_p50": self._candidate_latency.percentile(50),

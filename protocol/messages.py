@@ -172,6 +172,10 @@ class ShadowReport(_Message):
     corrected_frames: int = Field(default=0, ge=0)
     active_accuracy: float | None = Field(default=None, ge=0, le=1)
     candidate_accuracy: float | None = Field(default=None, ge=0, le=1)
+    # Paired outcomes on the corrected frames (what a rollout's accuracy decision counts): frames only
+    # the candidate got right, and frames only the active model got right. None from older agents.
+    candidate_only_correct: int | None = Field(default=None, ge=0)
+    active_only_correct: int | None = Field(default=None, ge=0)
     active_latency_ms_p50: float | None = None
     active_latency_ms_p99: float | None = None
     candidate_latency_ms_p50: float | None = None

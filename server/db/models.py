@@ -385,6 +385,8 @@ class RolloutShadowReport(Base):
     corrected_frames: Mapped[int] = mapped_column(Integer, default=0)
     active_accuracy: Mapped[float | None] = mapped_column(default=None)
     candidate_accuracy: Mapped[float | None] = mapped_column(default=None)
+    candidate_only_correct: Mapped[int | None] = mapped_column(Integer, default=None)
+    active_only_correct: Mapped[int | None] = mapped_column(Integer, default=None)
     active_latency_ms_p99: Mapped[float | None] = mapped_column(default=None)
     candidate_latency_ms_p99: Mapped[float | None] = mapped_column(default=None)
     errors: Mapped[int] = mapped_column(Integer, default=0)

@@ -174,7 +174,8 @@ class RolloutController:
                 frames_skipped_budget=m.frames_skipped_budget, agreement=m.agreement,
                 confident_agreement=m.confident_agreement,
                 corrected_frames=m.corrected_frames, active_accuracy=m.active_accuracy,
-                candidate_accuracy=m.candidate_accuracy, active_latency_ms_p99=m.active_latency_ms_p99,
+                candidate_accuracy=m.candidate_accuracy, candidate_only_correct=m.candidate_only_correct,
+                active_only_correct=m.active_only_correct, active_latency_ms_p99=m.active_latency_ms_p99,
                 candidate_latency_ms_p99=m.candidate_latency_ms_p99, errors=m.errors))
             dev.progress_at = dev.updated_at = now
             try:
@@ -483,6 +484,10 @@ class _Step:
         self._verdicts[wave.position] = verdict
         if verdict.outcome == "fail":
             self._fail_wave(wave, verdict)
+        elif verdict.outcome == "undecided":
+            # Not evidence against the candidate: the wave pauses whatever on_failure says, and an
+            # operator's resume runs it again (or they roll out with on_no_evidence="pass").
+            self._fail_wave(wave, verdict, undecided=True)
         elif verdict.outcome == "pass" and wave.phase == plan.PHASE_SHADOW:
             wave.phase = plan.PHASE_SWITCH
             wave.gate_results = [g.as_dict() for g in verdict.gates]
@@ -516,15 +521,16 @@ class _Step:
         self._start_wave(following)
         self._run_wave()
 
-    def _fail_wave(self, wave: RolloutWave, verdict: Verdict) -> None:
+    def _fail_wave(self, wave: RolloutWave, verdict: Verdict, undecided: bool = False) -> None:
         r = self.rollout
         wave.state, wave.finished_at, wave.reason = plan.WAVE_FAILED, self.now, verdict.reason
         wave.gate_results = ([g for g in wave.gate_results if g["name"] not in {x.name for x in verdict.gates}]
                              + [g.as_dict() for g in verdict.gates])
         for dev in self._wave_devices(wave.position):
             dev.goal = plan.REVERT
-        state = plan.PAUSED if r.on_failure == "pause" else plan.ABORTED
-        reason = f"wave {wave.name} failed its gates: {verdict.reason}"
+        state = plan.PAUSED if r.on_failure == "pause" or undecided else plan.ABORTED
+        reason = (f"wave {wave.name} paused: {verdict.reason}" if undecided
+                  else f"wave {wave.name} failed its gates: {verdict.reason}")
         self._set_state(state, reason)
         audit.record(self.session, ACTOR, "rollout.wave_fail", f"rollout:{r.id}", wave=wave.name,
                      verdict=verdict.reason, gates=wave.gate_results, then=state, owner=self.c.owner)

@@ -21,7 +21,7 @@ from server.rollouts.gates import (
     switch_verdict,
     totals,
 )
-from server.rollouts.spec import GateConfig
+from server.rollouts.spec import RETIRED_GATES, GateConfig
 
 
 def facts(dev: RolloutDevice) -> plan.DeviceFacts:
@@ -44,7 +44,10 @@ def shadow_totals(session: Session, devices: Iterable[RolloutDevice]) -> dict[st
                 frames=r.frames, agreement=r.agreement, confident_agreement=r.confident_agreement,
                 corrected_frames=r.corrected_frames,
                 active_accuracy=r.active_accuracy, candidate_accuracy=r.candidate_accuracy,
-                candidate_latency_ms_p99=r.candidate_latency_ms_p99, errors=r.errors))
+                candidate_only_correct=r.candidate_only_correct, active_only_correct=r.active_only_correct,
+                active_latency_ms_p99=r.active_latency_ms_p99,
+                candidate_latency_ms_p99=r.candidate_latency_ms_p99, errors=r.errors,
+                at=r.received_at.timestamp() + r.window * 1e-6))
     return {device: totals(ws) for device, ws in windows.items()}
 
 
@@ -67,7 +70,7 @@ def evidence(dev: RolloutDevice, shadow: ShadowTotals | None, now: datetime) -> 
 
 
 def gate_config(rollout: Rollout) -> GateConfig:
-    return GateConfig.model_validate(rollout.gates)
+    return GateConfig.model_validate({k: v for k, v in rollout.gates.items() if k not in RETIRED_GATES})
 
 
 def wave_verdict(rollout: Rollout, wave: RolloutWave, devices: Sequence[RolloutDevice],

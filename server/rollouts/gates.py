@@ -7,24 +7,27 @@ Shadow phase (mode ``shadow_then_switch``, before any device of the wave switche
   a device is *judged* once it has this many (or once it left shadow on its own: an agent that
   promotes itself reports no more windows).
 - ``min_shadow_seconds``: time since each device entered SHADOWING.
-- ``min_agreement``: agreement with the active model where it is confident: the share of the
-  active model's confident boxes the candidate also found (IoU >= 0.5, same class; the agent's
-  ``confident_agreement``), frames-weighted over a device's windows; the value is the worst judged
-  device's. Boxes only the candidate finds are not disagreements here (a retrained model is meant
-  to find what the old one missed): corrected frames judge those. The symmetric ``agreement`` the
-  agent also reports is shown, never gated on; a window without any confident active box, or an
-  agent that does not measure it, leaves the gate unmeasured (it does not block).
-- ``max_accuracy_drop``: active minus candidate accuracy on frames with a corrected label,
-  pooled over the judged devices (corrections are sparse; pooling is what makes them count).
-- ``max_latency_p99_ms``: the candidate's p99 latency (frames-weighted mean of a device's window
-  p99s), the worst judged device's; no threshold means it is only shown.
+- ``paired_accuracy``: the decision itself (server/rollouts/sequential.py): paired outcomes on
+  known-truth frames, pooled over the wave's devices in the order they were reported, decide pass
+  (superiority or non-inferiority) or fail (significantly worse) with stated error rates, or ask
+  for more frames. Nothing passes a wave without it, unless ``max_shadow_seconds`` runs out with
+  ``on_no_evidence='pass'`` (the offline gate's evidence then carries the wave); with the default
+  ``'pause'`` the wave pauses with "not enough evidence".
+- ``min_agreement``: a guard, applied on a device only where the active model is shown right there
+  (the exact lower bound of its accuracy on that device's known-truth frames reaches
+  ``trusted_active_accuracy``): the share of the active model's confident boxes the candidate also
+  found. Where labels show the active model wrong, or there are none, disagreeing with it is no
+  evidence against the candidate, so the guard is not applied (the detail says where and why).
+- ``max_latency_p99_ms``: each judged device's candidate p99 against a budget from the active
+  model's own p99 on that device (``max_latency_ratio`` times it, at least ``latency_headroom_ms``
+  above it) and the absolute ``max_latency_p99_ms`` if set; the value is the worst device's
+  candidate p99 over its budget (<= 1 passes).
 - ``max_errors``: candidate inference errors in the wave.
 - ``max_install_failure_rate``: share of the wave's devices that could not install or run the
   candidate (refused, failed, rolled back by their own checks, or timed out).
 
-A quality gate that a judged device fails fails the wave at once; the wave passes when every
-device still in it is judged, has shadowed long enough and is holding in shadow, and nothing
-failed. Failures only ever grow, so the install gate fails as soon as the rate is over.
+Any gate that fails fails the wave; the wave passes when every device still in it is judged, has
+shadowed long enough and is holding in shadow, and the accuracy decision passed.
 
 Switch phase (after promotion, or mode ``direct``): the wave passes once every device has settled
 (running the candidate, or failed) with the failure rate within its threshold and at least one
@@ -37,9 +40,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from server.rollouts.sequential import Evidence, PairedCounts, decide, lower_accuracy_bound
 from server.rollouts.spec import GateConfig
 
-Outcome = Literal["pass", "fail", "wait"]
+# "undecided": the wave ran out of shadow time without the evidence deciding (it pauses).
+Outcome = Literal["pass", "fail", "wait", "undecided"]
 _EPS = 1e-9
 
 
@@ -53,8 +58,17 @@ class ShadowWindow:
     corrected_frames: int = 0
     active_accuracy: float | None = None
     candidate_accuracy: float | None = None
+    candidate_only_correct: int | None = None  # None: an older agent (no paired outcomes)
+    active_only_correct: int | None = None
+    active_latency_ms_p99: float | None = None
     candidate_latency_ms_p99: float | None = None
     errors: int = 0
+    at: float = 0.0  # when it was received (orders the wave's windows for the sequential decision)
+
+    def paired(self) -> PairedCounts | None:
+        if self.candidate_only_correct is None or self.active_only_correct is None:
+            return None
+        return PairedCounts(self.corrected_frames, self.candidate_only_correct, self.active_only_correct)
 
 
 @dataclass(frozen=True)
@@ -68,8 +82,18 @@ class ShadowTotals:
     corrected_frames: int = 0
     active_correct: float = 0.0
     candidate_correct: float = 0.0
+    active_latency_ms_p99: float | None = None
     candidate_latency_ms_p99: float | None = None
     errors: int = 0
+    # Paired outcomes per window, with when it arrived (older agents' windows have none).
+    paired: tuple[tuple[float, PairedCounts], ...] = ()
+
+    @property
+    def paired_total(self) -> PairedCounts:
+        total = PairedCounts()
+        for _, counts in self.paired:
+            total = total + counts
+        return total
 
     @property
     def active_accuracy(self) -> float | None:
@@ -83,33 +107,37 @@ class ShadowTotals:
         return {"windows": self.windows, "frames": self.frames, "agreement": self.agreement,
                 "confident_agreement": self.confident_agreement, "corrected_frames": self.corrected_frames,
                 "active_accuracy": self.active_accuracy, "candidate_accuracy": self.candidate_accuracy,
+                "candidate_only_correct": self.paired_total.candidate_only,
+                "active_only_correct": self.paired_total.active_only,
+                "active_latency_ms_p99": self.active_latency_ms_p99,
                 "candidate_latency_ms_p99": self.candidate_latency_ms_p99, "errors": self.errors}
 
 
+def _weighted(pairs: list[tuple[float, int]]) -> float | None:
+    weight = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / weight if weight else None
+
+
 def totals(windows: Iterable[ShadowWindow]) -> ShadowTotals:
-    count = frames = corrected = errors = 0
-    agree_w = agree_sum = conf_w = conf_sum = lat_w = lat_sum = active_ok = candidate_ok = 0.0
+    windows = sorted(windows, key=lambda w: w.at)
+    corrected = 0
+    active_ok = candidate_ok = 0.0
     for w in windows:
-        count += 1
-        frames += w.frames
-        errors += w.errors
-        if w.agreement is not None and w.frames:
-            agree_sum += w.agreement * w.frames
-            agree_w += w.frames
-        if w.confident_agreement is not None and w.frames:
-            conf_sum += w.confident_agreement * w.frames
-            conf_w += w.frames
-        if w.candidate_latency_ms_p99 is not None and w.frames:
-            lat_sum += w.candidate_latency_ms_p99 * w.frames
-            lat_w += w.frames
         if w.corrected_frames and w.active_accuracy is not None and w.candidate_accuracy is not None:
             corrected += w.corrected_frames
             active_ok += w.active_accuracy * w.corrected_frames
             candidate_ok += w.candidate_accuracy * w.corrected_frames
-    return ShadowTotals(windows=count, frames=frames, agreement=agree_sum / agree_w if agree_w else None,
-                        confident_agreement=conf_sum / conf_w if conf_w else None,
-                        corrected_frames=corrected, active_correct=active_ok, candidate_correct=candidate_ok,
-                        candidate_latency_ms_p99=lat_sum / lat_w if lat_w else None, errors=errors)
+    paired = tuple((w.at, p) for w in windows if (p := w.paired()) is not None)
+
+    def mean(field: str) -> float | None:
+        return _weighted([(getattr(w, field), w.frames) for w in windows if getattr(w, field) is not None])
+
+    return ShadowTotals(windows=len(windows), frames=sum(w.frames for w in windows), agreement=mean("agreement"),
+                        confident_agreement=mean("confident_agreement"), corrected_frames=corrected,
+                        active_correct=active_ok, candidate_correct=candidate_ok,
+                        active_latency_ms_p99=mean("active_latency_ms_p99"),
+                        candidate_latency_ms_p99=mean("candidate_latency_ms_p99"),
+                        errors=sum(w.errors for w in windows), paired=paired)
 
 
 @dataclass(frozen=True)
@@ -134,10 +162,14 @@ class GateResult:
     # None: not measured yet (no device has enough frames to judge).
     passed: bool | None
     detail: str = ""
+    evidence: dict | None = None  # the accuracy decision's figures (n, discordant pairs, p, look)
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "value": self.value, "threshold": self.threshold, "passed": self.passed,
-                "detail": self.detail}
+        out = {"name": self.name, "value": self.value, "threshold": self.threshold, "passed": self.passed,
+               "detail": self.detail}
+        if self.evidence is not None:
+            out["evidence"] = self.evidence
+        return out
 
 
 @dataclass(frozen=True)
@@ -167,6 +199,69 @@ def _describe(gate: GateResult) -> str:
         f" ({gate.detail})" if gate.detail else "")
 
 
+def pooled_evidence(devices: Sequence[DeviceEvidence], config: GateConfig) -> Evidence:
+    """The sequential decision over the wave's paired outcomes, in the order they were reported."""
+    windows = sorted((item for d in devices for item in d.shadow.paired), key=lambda item: item[0])
+    return decide((counts for _, counts in windows), config.evidence_rule())
+
+
+def _accuracy_gate(evidence: Evidence) -> GateResult:
+    passed = {"pass": True, "fail": False}.get(evidence.decision)
+    value = evidence.upper_bound if evidence.test == "non-inferiority" else evidence.p_value
+    return GateResult("paired_accuracy", None if value is None else float(value), evidence.level, passed,
+                      f"{evidence.test or 'undecided'}: {evidence.describe()}", evidence.as_dict())
+
+
+def active_is_trusted(shadow: ShadowTotals, config: GateConfig) -> tuple[bool, str]:
+    known = shadow.corrected_frames
+    correct = round(shadow.active_correct)
+    if not known:
+        return False, "no known-truth frames"
+    bound = lower_accuracy_bound(correct, known)
+    shown = f"active model right on {correct}/{known} known frames (95% lower bound {bound:.2f})"
+    return bound >= config.trusted_active_accuracy, shown
+
+
+def _agreement_gate(judged: Sequence[DeviceEvidence], config: GateConfig) -> GateResult:
+    guarded, skipped = [], []
+    for d in judged:
+        trusted, shown = active_is_trusted(d.shadow, config)
+        if trusted and d.shadow.confident_agreement is not None:
+            guarded.append((d.shadow.confident_agreement, d.device_id))
+        else:
+            skipped.append(f"{d.device_id}: {shown}" if not trusted else f"{d.device_id}: no confident active box")
+    worst = min(guarded, default=None)
+    parts = [f"worst: {worst[1]}"] if worst else []
+    if skipped:
+        parts.append("not applied on " + "; ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""))
+    return GateResult("min_agreement", worst[0] if worst else None, config.min_agreement,
+                      None if worst is None else worst[0] + _EPS >= config.min_agreement, "; ".join(parts))
+
+
+def latency_budget(active_p99: float | None, config: GateConfig) -> float | None:
+    """The candidate's p99 budget on one device (None: no budget applies)."""
+    budgets = [config.max_latency_p99_ms] if config.max_latency_p99_ms is not None else []
+    if config.max_latency_ratio is not None and active_p99 is not None:
+        budgets.append(max(active_p99 * config.max_latency_ratio, active_p99 + config.latency_headroom_ms))
+    return min(budgets, default=None)
+
+
+def _latency_gate(judged: Sequence[DeviceEvidence], config: GateConfig) -> GateResult:
+    worst: tuple[float, str, float, float] | None = None
+    for d in judged:
+        p99 = d.shadow.candidate_latency_ms_p99
+        budget = latency_budget(d.shadow.active_latency_ms_p99, config)
+        if p99 is None or budget is None:
+            continue
+        if worst is None or p99 / budget > worst[0]:
+            worst = (p99 / budget, d.device_id, p99, budget)
+    if worst is None:
+        return GateResult("max_latency_p99_ms", None, None, None, "no latency measured against a budget yet")
+    ratio, device, p99, budget = worst
+    return GateResult("max_latency_p99_ms", p99, budget, ratio <= 1 + _EPS,
+                      f"worst: {device}, candidate p99 {p99:.1f} ms against {budget:.1f} ms")
+
+
 def shadow_verdict(devices: Sequence[DeviceEvidence], config: GateConfig) -> Verdict:
     """The shadow phase's decision for one wave (see the module docstring)."""
     if not devices:
@@ -183,32 +278,13 @@ def shadow_verdict(devices: Sequence[DeviceEvidence], config: GateConfig) -> Ver
     seconds_value = min((d.shadow_seconds for d in live), default=None)
     seconds = GateResult("min_shadow_seconds", seconds_value, config.min_shadow_seconds,
                          seconds_value is not None and seconds_value + _EPS >= config.min_shadow_seconds)
-
-    agreements = [(d.shadow.confident_agreement, d.device_id) for d in judged
-                  if d.shadow.confident_agreement is not None]
-    worst = min(agreements, default=None)
-    agreement = GateResult("min_agreement", worst[0] if worst else None, config.min_agreement,
-                           None if worst is None else worst[0] + _EPS >= config.min_agreement,
-                           f"worst: {worst[1]}" if worst else "no confident box of the active model yet")
-
-    corrected = sum(d.shadow.corrected_frames for d in judged)
-    drop = ((sum(d.shadow.active_correct for d in judged) - sum(d.shadow.candidate_correct for d in judged))
-            / corrected) if corrected else None
-    accuracy = GateResult("max_accuracy_drop", drop, config.max_accuracy_drop,
-                          None if drop is None else drop <= config.max_accuracy_drop + _EPS,
-                          f"{corrected} corrected frames")
-
-    latencies = [(d.shadow.candidate_latency_ms_p99, d.device_id) for d in judged
-                 if d.shadow.candidate_latency_ms_p99 is not None]
-    slowest = max(latencies, default=None)
-    budget = config.max_latency_p99_ms
-    latency = GateResult("max_latency_p99_ms", slowest[0] if slowest else None, budget,
-                         None if slowest is None else (budget is None or slowest[0] <= budget + _EPS),
-                         f"slowest: {slowest[1]}" if slowest else "")
+    accuracy = _accuracy_gate(pooled_evidence(live, config))
+    agreement = _agreement_gate(judged, config)
+    latency = _latency_gate(judged, config)
     error_gate = GateResult("max_errors", float(errors), float(config.max_errors), errors <= config.max_errors)
 
-    gates = (frames, seconds, agreement, accuracy, latency, error_gate, install)
-    decisive = [g for g in (install, error_gate, agreement, accuracy, latency) if g.passed is False]
+    gates = (frames, seconds, accuracy, agreement, latency, error_gate, install)
+    decisive = [g for g in (install, error_gate, accuracy, agreement, latency) if g.passed is False]
     if decisive:
         return Verdict("fail", gates, "; ".join(_describe(g) for g in decisive))
     if not live:
@@ -220,7 +296,15 @@ def shadow_verdict(devices: Sequence[DeviceEvidence], config: GateConfig) -> Ver
         if not_holding:
             parts.append(f"not shadowing yet: {', '.join(not_holding[:5])}")
         return Verdict("wait", gates, "; ".join(parts))
-    return Verdict("pass", gates, f"{len(live)} devices passed in shadow")
+    if accuracy.passed:
+        return Verdict("pass", gates, f"{len(live)} devices passed in shadow; {accuracy.detail}")
+    longest = max(d.shadow_seconds for d in live)
+    if longest + _EPS < config.max_shadow_seconds:
+        return Verdict("wait", gates, f"collecting evidence: {accuracy.detail}")
+    if config.on_no_evidence == "pass":
+        return Verdict("pass", gates, f"not enough online evidence after {longest:.0f} s, no gate failed: "
+                                      f"the offline gate's evidence carries the wave ({accuracy.detail})")
+    return Verdict("undecided", gates, f"not enough evidence after {longest:.0f} s in shadow: {accuracy.detail}")
 
 
 def switch_verdict(devices: Sequence[DeviceEvidence], config: GateConfig) -> Verdict:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.api.schemas import Labels
+from server.rollouts.sequential import Rule
 
 Mode = Literal["shadow_then_switch", "direct"]
 OnFailure = Literal["pause", "abort"]
@@ -49,20 +50,49 @@ class WaveSpec(BaseModel):
 
 
 class GateConfig(BaseModel):
-    """When a wave passes (see server/rollouts/gates.py for how each is measured)."""
+    """When a wave passes (see server/rollouts/gates.py for how each is measured, and
+    server/rollouts/sequential.py for the accuracy decision and its error rates)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     min_frames: int = Field(200, ge=1, le=1_000_000, description="frames each device compared in shadow")
     min_shadow_seconds: float = Field(60.0, ge=0, le=7 * 86400, description="time each device spent in shadow")
+    max_shadow_seconds: float = Field(
+        3600.0, gt=0, le=30 * 86400,
+        description="longest a wave collects evidence; then it pauses with 'not enough evidence' "
+                    "(or passes on the offline gate's evidence with on_no_evidence='pass')")
+    alpha: float = Field(0.05, gt=0, lt=0.5,
+                         description="wrong-promotion rate: chance of passing a candidate worse by margin or more")
+    beta: float = Field(0.05, gt=0, lt=0.5,
+                        description="wrong-failure rate: chance of failing a candidate that is not worse")
+    margin: float = Field(0.05, gt=0, le=0.5,
+                          description="non-inferiority margin in accuracy on known-truth frames")
+    first_look_frames: int = Field(20, ge=5, le=100_000,
+                                   description="known-truth frames (pooled over the wave) at the first look")
+    on_no_evidence: Literal["pause", "pass"] = Field(
+        "pause", description="when max_shadow_seconds runs out undecided: pause, or let the offline gate's "
+                             "evidence carry the wave if no gate failed")
     min_agreement: float = Field(0.8, ge=0, le=1,
-                                 description="box agreement with the active model where it is confident")
-    max_accuracy_drop: float = Field(0.0, ge=0, le=1,
-                                     description="active minus candidate accuracy on corrected frames")
-    max_latency_p99_ms: float | None = Field(None, gt=0, description="candidate p99 latency budget; None: none")
+                                 description="box agreement with the active model where it is confident, "
+                                             "applied only where the active model is shown right")
+    trusted_active_accuracy: float = Field(
+        0.8, ge=0, le=1, description="the active model guards by agreement on a device only where the exact "
+                                     "95% lower bound of its accuracy on known-truth frames reaches this")
+    max_latency_ratio: float | None = Field(
+        1.5, ge=1, description="candidate p99 budget on each device: the active model's own p99 there times "
+                               "this (at least latency_headroom_ms more); None: no relative budget")
+    latency_headroom_ms: float = Field(5.0, ge=0, description="the smallest budget above the active p99")
+    max_latency_p99_ms: float | None = Field(None, gt=0, description="absolute candidate p99 budget; None: none")
     max_errors: int = Field(0, ge=0, description="candidate inference errors in the wave")
     max_install_failure_rate: float = Field(0.0, ge=0, le=1,
                                             description="share of the wave's devices that may fail to install")
+
+    def evidence_rule(self) -> Rule:
+        return Rule(alpha=self.alpha, beta=self.beta, margin=self.margin, first_look=self.first_look_frames)
+
+
+# Gates earlier versions stored with their rollouts, no longer decided on (read as absent).
+RETIRED_GATES = frozenset({"max_accuracy_drop"})
 
 
 def default_waves() -> list[WaveSpec]:

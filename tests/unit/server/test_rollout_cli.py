@@ -17,7 +17,7 @@ ROLLOUT = {
         {"index": 0, "name": "canary", "percent": None, "count": 1, "state": "failed", "phase": "shadow",
          "device_counts": {"aborted": 1}, "verdict": None, "reason": "min_agreement: 0.41 against 0.8",
          "gates": [{"name": "min_agreement", "value": 0.41, "threshold": 0.8, "passed": False, "detail": ""},
-                   {"name": "max_accuracy_drop", "value": None, "threshold": 0.0, "passed": None, "detail": ""}],
+                   {"name": "paired_accuracy", "value": None, "threshold": 0.003, "passed": None, "detail": ""}],
          "devices": [{"device_id": "cam-1", "state": "aborted", "update_state": "REJECTED", "active_version": 2,
                       "reason": "aborted", "shadow": {"frames": 240, "confident_agreement": 0.41,
                                                       "corrected_frames": 12, "active_accuracy": 0.75,

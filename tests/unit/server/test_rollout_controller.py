@@ -44,8 +44,8 @@ from server.sample_validation import ImageLimits
 from server.settings import RolloutPolicy
 
 STEP = timedelta(seconds=5)
-GATES = GateConfig(min_frames=100, min_shadow_seconds=10, min_agreement=0.9, max_accuracy_drop=0.0,
-                   max_latency_p99_ms=100, max_errors=0, max_install_failure_rate=0.0)
+GATES = GateConfig(min_frames=100, min_shadow_seconds=10, min_agreement=0.9, max_latency_p99_ms=100,
+                   max_errors=0, max_install_failure_rate=0.0)
 WAVES = [WaveSpec(name="canary", count=1), WaveSpec(name="half", percent=50), WaveSpec(name="all", percent=100)]
 
 
@@ -94,7 +94,11 @@ class SimAgent:
 
     def __init__(self, device_id: str, active: int | None = 1, *, agreement: float = 0.98, holds: bool = True,
                  responsive: bool = True, healthy: bool = True, frames: int | None = None,
+                 active_right: float = 0.9, candidate_only: float = 0.1, active_only: float = 0.0,
                  trust: TrustStore) -> None:
+        # Every frame's truth is known: the active model right on `active_right` of them, the candidate
+        # alone right on `candidate_only`, the active model alone on `active_only` (a better candidate).
+        self.active_right, self.candidate_only, self.active_only = active_right, candidate_only, active_only
         self.device_id, self.active, self.agreement, self.holds = device_id, active, agreement, holds
         self.responsive, self.healthy, self.frames, self.trust = responsive, healthy, frames, trust
         self.state, self.update_id, self.version, self.window = "IDLE" if active is None else "ACTIVE", "", 0, 0
@@ -148,10 +152,15 @@ class SimAgent:
     def tick(self) -> list:
         if not self.responsive or self.state != "SHADOWING":
             return []
+        n = self.window_frames
+        b, c = round(n * self.candidate_only), round(n * self.active_only)
+        active_right = round(n * self.active_right)
         report = ShadowReport(device_id=self.device_id, update_id=self.update_id, active_version=self.active,
-                              candidate_version=self.version, window=self.window, frames_compared=self.window_frames,
+                              candidate_version=self.version, window=self.window, frames_compared=n,
                               frames_dropped=0, agreement=self.agreement, confident_agreement=self.agreement,
-                              candidate_latency_ms_p99=20.0,
+                              corrected_frames=n, active_accuracy=active_right / n,
+                              candidate_accuracy=(active_right - c + b) / n, candidate_only_correct=b,
+                              active_only_correct=c, candidate_latency_ms_p99=20.0,
                               active_latency_ms_p99=18.0)
         self.window += 1
         if not self.holds_now:  # an agent that promotes itself after its first window
