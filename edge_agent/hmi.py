@@ -36,8 +36,9 @@ from urllib.parse import urlsplit
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from edge_agent.collector import Outcome, SampleCollector, to_box
+from edge_agent.collector import Outcome, SampleCollector, labels_to_detections, to_box
 from edge_agent.frame_buffer import FrameBuffer
+from edge_agent.inference.types import Detection
 from protocol.messages import MAX_BOXES
 
 if TYPE_CHECKING:
@@ -84,7 +85,8 @@ class CorrectionApi:
     """What each request means, without sockets."""
 
     def __init__(self, collector: SampleCollector, frames: FrameBuffer, *, token: str | None,
-                 max_body_bytes: int, on_verdict: Callable[[bool], object] | None = None) -> None:
+                 max_body_bytes: int, on_verdict: Callable[[bool], object] | None = None,
+                 on_truth: Callable[[str, list[Detection]], object] | None = None) -> None:
         self.collector = collector
         self.frames = frames
         self.token = token or None
@@ -92,6 +94,8 @@ class CorrectionApi:
         # QA's verdict on a served frame (True: the model was wrong), e.g. for the drift window's
         # correction rate; called for every judged frame, collected or not.
         self.on_verdict = on_verdict
+        # The operator's labels as the frame's truth (e.g. for the shadow comparison of that frame).
+        self.on_truth = on_truth
 
     def authorized(self, header: str | None) -> bool:
         if self.token is None:
@@ -141,6 +145,9 @@ class CorrectionApi:
                  outcome=decision.outcome.value, sample_id=decision.sample_id)
         if self.on_verdict is not None and decision.outcome is not Outcome.DISABLED:
             self.on_verdict(decision.outcome is not Outcome.MODEL_AGREED)
+        if self.on_truth is not None:
+            h, w = frame.image.shape[:2]
+            self.on_truth(frame.frame_id, labels_to_detections(labels, w, h))
         outcome = decision.outcome
         if outcome is Outcome.COLLECTED:
             return Response(202, {"status": "collected", "sample_id": decision.sample_id})
@@ -293,9 +300,10 @@ class CorrectionServer:
 
     @classmethod
     def from_settings(cls, settings: AgentSettings, collector: SampleCollector, frames: FrameBuffer,
-                      on_verdict: Callable[[bool], object] | None = None) -> CorrectionServer:
+                      on_verdict: Callable[[bool], object] | None = None,
+                      on_truth: Callable[[str, list[Detection]], object] | None = None) -> CorrectionServer:
         api = CorrectionApi(collector, frames, token=settings.hmi_token.get_secret_value() or None,
-                            max_body_bytes=settings.hmi_max_body_bytes, on_verdict=on_verdict)
+                            max_body_bytes=settings.hmi_max_body_bytes, on_verdict=on_verdict, on_truth=on_truth)
         return cls(api, settings.hmi_host, settings.hmi_port)
 
     @property

@@ -71,7 +71,7 @@ class Agent:
         # Recent frames a line HMI may still correct, by frame id (only kept when the HMI is on).
         self.recent_frames = FrameBuffer(settings.frame_buffer_frames, settings.frame_buffer_max_bytes)
         self.hmi = (CorrectionServer.from_settings(settings, self.collector, self.recent_frames,
-                                                   on_verdict=self._qa_verdict)
+                                                   on_verdict=self._qa_verdict, on_truth=self._late_truth)
                     if settings.hmi_port else None)
         self.reader: FrameReader | None = None
         # Input, confidence and QA statistics per window, published on the drift topic.
@@ -330,7 +330,15 @@ class Agent:
                                                  item.active_version, version)
 
         return ShadowRunner(candidate, self.updater.record.shadow_frames, s.shadow_queue, budget=budget,
-                            on_compared=on_compared if s.collect_shadow_disagreement else None)
+                            on_compared=on_compared if s.collect_shadow_disagreement else None,
+                            # as long as the HMI may still correct a frame (none kept without an HMI)
+                            pending_truth=s.frame_buffer_frames if self.hmi is not None else 0)
+
+    def _late_truth(self, frame_id: str, truths) -> None:
+        """An HMI correction for a served frame: if the candidate ran on it too, it is a paired outcome."""
+        shadow = self.shadow
+        if shadow is not None and shadow.judge_late(frame_id, truths):
+            log.info("shadow.late_truth", frame_id=frame_id)
 
     def _busy_in_background(self) -> bool:
         return self._bg_future is not None and not self._bg_future.done()
@@ -355,8 +363,10 @@ class Agent:
             # A rollout's gates are the server's decision: keep shadowing with the candidate loaded and
             # report a fresh window each time, until its PromoteCommand or AbortCommand arrives.
             self._shadow_window += 1
+            pending = self.shadow.take_pending()
             self.shadow.close()
             self.shadow = self._shadow_runner(self.shadow_detector)
+            self.shadow.adopt_pending(pending)  # a correction may still come for an earlier window's frame
             return
         self._end_shadow()
         self._promote(Event.SHADOW_PASSED, _describe(report))

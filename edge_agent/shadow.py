@@ -16,7 +16,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,6 +95,7 @@ class ShadowRunner:
         budget: ShadowBudget | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_compared: Callable[[ShadowItem, list[Detection]], object] | None = None,
+        pending_truth: int = 256,
     ) -> None:
         self._detector = detector
         # Called on the shadow thread with each frame both models ran on (e.g. to collect disagreements).
@@ -112,6 +113,7 @@ class ShadowRunner:
         self.skipped_budget = 0
         self.offered = 0
         self.errors = 0
+        self.late_truths = 0  # corrections that joined the comparison after the frame was served
         self.last_error = ""
         self._agreed = 0
         self._boxes = 0
@@ -122,6 +124,10 @@ class ShadowRunner:
         self._candidate_correct = 0
         self._candidate_only = 0
         self._active_only = 0
+        # Both models' boxes on frames without a known truth yet, by frame id, so that a correction
+        # the line HMI posts later (judge_late) is a paired outcome too. Bounded: oldest leave first.
+        self._pending_truth: OrderedDict[str, tuple[list[Detection], list[Detection]]] = OrderedDict()
+        self._pending_max = pending_truth
         self._active_latency = LatencyWindow()
         self._candidate_latency = LatencyWindow()
         self.done = threading.Event()
@@ -192,12 +198,44 @@ class ShadowRunner:
                 if item.truths is not None:
                     self._count_known(frame_is_correct(item.active, item.truths, iou=self._iou),
                                       frame_is_correct(result.detections, item.truths, iou=self._iou))
+                elif item.frame_id and self._pending_max:
+                    self._pending_truth.pop(item.frame_id, None)
+                    self._pending_truth[item.frame_id] = (list(item.active), list(result.detections))
+                    while len(self._pending_truth) > self._pending_max:
+                        self._pending_truth.popitem(last=False)
         if result is not None and self._on_compared is not None:
             try:
                 self._on_compared(item, list(result.detections))
             except Exception as exc:  # collecting a sample must never break the comparison
                 log.warning("shadow.on_compared_failed", error=str(exc))
         self._check_done()
+
+    def judge_late(self, frame_id: str, truths: list[Detection]) -> bool:
+        """A correction that arrived after both models ran on the frame: it joins this window's paired
+        outcomes (once per frame). False when the candidate never saw the frame or it left the buffer."""
+        with self._lock:
+            pair = self._pending_truth.pop(frame_id, None)
+            if pair is None:
+                return False
+            active, candidate = pair
+            self._count_known(frame_is_correct(active, truths, iou=self._iou),
+                              frame_is_correct(candidate, truths, iou=self._iou))
+            self.late_truths += 1
+            return True
+
+    def take_pending(self) -> OrderedDict[str, tuple[list[Detection], list[Detection]]]:
+        """Frames still waiting for a truth, handed to the next window's runner (the comparison is
+        kept for the buffer's lifetime, not just one window's)."""
+        with self._lock:
+            pending, self._pending_truth = self._pending_truth, OrderedDict()
+            return pending
+
+    def adopt_pending(self, pending: OrderedDict[str, tuple[list[Detection], list[Detection]]]) -> None:
+        with self._lock:
+            for frame_id, pair in pending.items():
+                self._pending_truth.setdefault(frame_id, pair)
+            while len(self._pending_truth) > self._pending_max:
+                self._pending_truth.popitem(last=False)
 
     def _count_known(self, active_right: bool, candidate_right: bool) -> None:
         """One frame whose truth is known (caller holds the lock): both models judged on it."""

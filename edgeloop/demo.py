@@ -7,6 +7,7 @@ threshold → retrain job → gate → signed bundle → shadow → switch. Ends
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -34,6 +35,7 @@ class DemoConfig:
     retrain_epochs: int | None = None
     shadow_frames: int | None = None
     cache_dir: Path = field(default_factory=default_cache_dir)
+    seed: int | None = None  # the seed model's training seed (None: the profile's own)
     timeout_seconds: float = 3600.0
 
     def resolved(self) -> dict:
@@ -48,11 +50,16 @@ class DemoConfig:
             "max_fps": self.max_fps if self.max_fps is not None else (6.0 if fast else 10.0),
             "retrain_epochs": self.retrain_epochs,  # None: the fine-tune recipe's own
             "shadow_frames": self.shadow_frames or (20 if fast else 100),
+            "seed": self.seed,  # None: the profile's own training seed
         }
 
 
 class DemoFailed(RuntimeError):
     pass
+
+
+# Rollout states after which no device of it switches without an operator.
+STOPPED_ROLLOUT_STATES = frozenset({"paused", "aborted", "rolled_back"})
 
 
 Progress = Callable[[str, dict], None]
@@ -132,15 +139,17 @@ def run_demo(config: DemoConfig, progress: Progress = lambda stage, info: None) 
     # -- data and seed model (cached across runs: same generator + profile → same files)
     t0 = time.monotonic()
     progress("stage", {"stage": "seed_model", "detail": f"profile {knobs['profile']}"})
+    profile = seed_model.profile_of(knobs["profile"])
+    if config.seed is not None:  # another training seed: another seed model, cached under its own key
+        profile = dataclasses.replace(profile, seed=config.seed)
     seed = seed_model.ensure_seed_model(
-        cache, knobs["profile"],
+        cache, profile,
         on_epoch=lambda e, n, losses, s: progress("seed_epoch", {"epoch": e, "epochs": n}),
         config_dir=cache / "ultralytics")
     stage("seed_model", t0)
 
     t0 = time.monotonic()
     progress("stage", {"stage": "data", "detail": "golden set, shifted eval set, device frames"})
-    profile = seed_model.profile_of(knobs["profile"])
     golden_set = golden.ensure_golden_set(cache, profile.golden_seed, profile.golden_n, profile.imgsz)
     shifted_set = golden.ensure_eval_set(cache, synth.DEFAULT_SHIFT, profile.golden_seed, profile.golden_n,
                                          profile.imgsz)
@@ -280,11 +289,16 @@ def _run_loop(config, knobs, workdir, stack, seed, golden_set, shifted_set, fram
     def switched():
         items = devices()
         progress("devices", {"items": items, "version": after_version})
+        for rollout in api.get("/api/v1/rollouts", params={"limit": 20}).json()["items"]:
+            # A rollout that stopped will not switch anyone: say why now, not at the stage timeout.
+            if rollout["version"] == after_version and rollout["state"] in STOPPED_ROLLOUT_STATES:
+                raise DemoFailed(f"the rollout of v{after_version} is {rollout['state']}: {rollout['reason']}")
         return all(d["active_version"] == after_version for d in items)
 
     _wait(f"every agent to switch to v{after_version}", switched, 600, procs)
     stage("rollout", t0)
 
+    rollout = _rollout_summary(api, after_version)
     metrics = job["result"]["metrics"]
     before, after = _metrics_pair(metrics["production"]), _metrics_pair(metrics["candidate"])
     final_devices = devices()
@@ -306,10 +320,25 @@ def _run_loop(config, knobs, workdir, stack, seed, golden_set, shifted_set, fram
                       for d in final_devices},
         },
         "shadow": {d["device_id"]: d["shadow"] for d in deployments if d["version"] == after_version},
+        "rollout": rollout,
         "stages": {**stages, **{f"retrain.{k}": v for k, v in job["stages"].items()}},
         "total_seconds": round(time.monotonic() - t_start, 2),
         "logs": str(workdir / "logs"),
     }
+
+
+def _rollout_summary(api: httpx.Client, version: int) -> dict | None:
+    """The rollout of ``version``: each wave's outcome and the evidence its accuracy decision used."""
+    rollouts = [r for r in api.get("/api/v1/rollouts", params={"limit": 20}).json()["items"] if r["version"] == version]
+    if not rollouts:
+        return None
+    view = api.get(f"/api/v1/rollouts/{rollouts[0]['id']}").json()
+    waves = []
+    for wave in view["waves"]:
+        accuracy = next((g for g in wave["gates"] if g["name"] == "paired_accuracy"), None)
+        waves.append({"name": wave["name"], "state": wave["state"], "reason": wave["reason"],
+                      "evidence": accuracy.get("evidence") if accuracy else None})
+    return {"id": view["id"], "state": view["state"], "reason": view["reason"], "waves": waves}
 
 
 def _raise_for(response: httpx.Response, what: str) -> None:

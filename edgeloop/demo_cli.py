@@ -21,6 +21,8 @@ def demo(
     workdir: Path = typer.Option(None, help="Where services, agents and logs live (default: a temp folder)."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
     timeout: float = typer.Option(3600.0, help="Give up on any one stage after this many seconds."),
+    seed: int = typer.Option(None, min=0, help="Training seed of the seed model (default: the profile's); "
+                                               "each seed is trained once and cached."),
 ) -> None:
     """Run the whole loop: stack, server, agents, collection, retrain, signed bundle, shadow, switch."""
     from rich.console import Console
@@ -36,7 +38,8 @@ def demo(
     if work is None:
         work = Path(tempfile.mkdtemp(prefix="edgeloop-demo-"))
         work.chmod(0o711)  # Mosquitto drops root and must be able to reach its folder inside
-    config = DemoConfig(workdir=work, fast=fast, devices=devices, threshold=threshold, timeout_seconds=timeout)
+    config = DemoConfig(workdir=work, fast=fast, devices=devices, threshold=threshold, timeout_seconds=timeout,
+                        seed=seed)
     view = {"stages": {}, "current": "", "detail": "", "line": ""}
 
     def render() -> Table:
@@ -120,3 +123,8 @@ def _print_report(console, report: dict) -> None:
     console.print(stages)
     d = report["devices"]
     console.print(f"devices switched to v{after['version']}: {d['switched']}/{d['total']}")
+    for wave in (report.get("rollout") or {}).get("waves", []):
+        e = wave["evidence"]
+        if e:
+            console.print(f"wave {wave['name']} {wave['state']}: {e['test'] or 'undecided'} on {e['known']} known "
+                          f"frames (candidate-only right {e['candidate_only']}, active-only right {e['active_only']})")
