@@ -85,6 +85,7 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
 def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAPI:
     from server.api.drift_routes import router as drift_router
     from server.api.fleet_routes import router as fleet_router
+    from server.api.input_guards import install_input_guards
     from server.api.openapi import document_api
     from server.api.registry_routes import router as registry_router
     from server.api.rollout_routes import router as rollout_router
@@ -118,6 +119,7 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
     app.include_router(drift_router)
     app.include_router(dashboard_router)
     document_api(app)
+    install_input_guards(app)  # NUL in the URL, values the database refuses: 422, not 500
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> PlainTextResponse:

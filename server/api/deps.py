@@ -6,7 +6,10 @@ cookie) so that the OpenAPI document declares both schemes and marks every prote
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
@@ -58,3 +61,22 @@ def require(role: Role) -> Callable[[Principal], Principal]:
 
 def client_address(request: Request) -> str:
     return request.client.host if request.client else ""
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
+def json_form_field(field: str, text: str) -> Any:
+    """A form field holding JSON, else 422; NaN and Infinity are refused (no database's JSON stores them)."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except ValueError as exc:  # json.JSONDecodeError included
+        raise HTTPException(422, f"{field} is not JSON: {exc}") from None

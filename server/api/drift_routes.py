@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from protocol.api import API_PREFIX
 from server import audit
 from server.api.deps import get_context, require
-from server.api.schemas import ErrorResponse
+from server.api.schemas import DbId, ErrorResponse, Offset
 from server.auth import Principal, Role
 from server.context import ServerContext
 from server.db.models import AlertRecord, DriftEvent, DriftReference, DriftWindow, ModelVersion, TrainingJob
@@ -183,7 +183,7 @@ def drift_overview(ctx: ServerContext = Depends(get_context),
 
 
 @router.get("/subjects", response_model=dict)
-def drift_subjects(scope: Scope | None = None, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+def drift_subjects(scope: Scope | None = None, limit: int = Query(100, ge=1, le=1000), offset: Offset = 0,
                    ctx: ServerContext = Depends(get_context),
                    _: Principal = Depends(require(Role.VIEWER))) -> dict:
     """Devices and groups that have drift windows, most recently reported first."""
@@ -225,7 +225,7 @@ def _series(ctx: ServerContext, scope: Scope, subject: str, metrics: list[str] |
 
 @router.get("/devices/{device_id}/windows", response_model=WindowSeries, responses=_NOT_FOUND)
 def device_drift_windows(device_id: str, metric: list[str] | None = Query(None), since: datetime | None = None,
-                         limit: int = Query(500, ge=1, le=5000), offset: int = Query(0, ge=0),
+                         limit: int = Query(500, ge=1, le=5000), offset: Offset = 0,
                          ctx: ServerContext = Depends(get_context),
                          _: Principal = Depends(require(Role.VIEWER))) -> WindowSeries:
     """A device's drift over time: per window and metric the scored statistic, with the thresholds."""
@@ -234,7 +234,7 @@ def device_drift_windows(device_id: str, metric: list[str] | None = Query(None),
 
 @router.get("/groups/{group}/windows", response_model=WindowSeries, responses=_NOT_FOUND)
 def group_drift_windows(group: str, metric: list[str] | None = Query(None), since: datetime | None = None,
-                        limit: int = Query(500, ge=1, le=5000), offset: int = Query(0, ge=0),
+                        limit: int = Query(500, ge=1, le=5000), offset: Offset = 0,
                         ctx: ServerContext = Depends(get_context),
                         _: Principal = Depends(require(Role.VIEWER))) -> WindowSeries:
     """A group's drift over time (its members' windows summed per round), with the thresholds."""
@@ -244,7 +244,7 @@ def group_drift_windows(group: str, metric: list[str] | None = Query(None), sinc
 @router.get("/events", response_model=dict)
 def drift_events(scope: Scope | None = None, subject: str | None = None,
                  signal: Literal["drift", "decay"] | None = None, action: str | None = None,
-                 limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+                 limit: int = Query(100, ge=1, le=1000), offset: Offset = 0,
                  ctx: ServerContext = Depends(get_context),
                  _: Principal = Depends(require(Role.VIEWER))) -> dict:
     """Signals raised and cleared, and each action they triggered: the alert it fired, the sampling
@@ -279,7 +279,7 @@ def _reference_view(row: DriftReference) -> ReferenceView:
 
 
 @router.get("/references", response_model=dict)
-def drift_references(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+def drift_references(limit: int = Query(100, ge=1, le=1000), offset: Offset = 0,
                      ctx: ServerContext = Depends(get_context),
                      _: Principal = Depends(require(Role.VIEWER))) -> dict:
     """Model versions' drift references (computed once per version, stored beside its artifacts)."""
@@ -292,7 +292,7 @@ def drift_references(limit: int = Query(100, ge=1, le=1000), offset: int = Query
 
 
 @router.get("/references/{version}", response_model=dict, responses=_NOT_FOUND)
-def drift_reference(version: int, ctx: ServerContext = Depends(get_context),
+def drift_reference(version: DbId, ctx: ServerContext = Depends(get_context),
                     _: Principal = Depends(require(Role.VIEWER))) -> dict:
     """One version's reference row and, when ready, its histograms per component."""
     with ctx.sessions() as session:
@@ -307,7 +307,7 @@ def drift_reference(version: int, ctx: ServerContext = Depends(get_context),
 
 
 @router.post("/references/{version}", status_code=202, response_model=dict, responses=_NOT_FOUND)
-def rebuild_drift_reference(version: int, ctx: ServerContext = Depends(get_context),
+def rebuild_drift_reference(version: DbId, ctx: ServerContext = Depends(get_context),
                             who: Principal = Depends(require(Role.ENGINEER))) -> dict:
     """(Re)compute a version's reference in the background (its training data changed, or it failed)."""
     with ctx.sessions() as session:

@@ -16,11 +16,13 @@ from server.api.schemas import (
     BootstrapTokenCreate,
     BootstrapTokenCreated,
     BootstrapTokenInfo,
+    DbId,
     DeviceCreate,
     DeviceCredentials,
     DeviceInfo,
     DeviceUpdate,
     ErrorResponse,
+    Offset,
     Page,
 )
 from server.auth import Principal, Role
@@ -121,7 +123,7 @@ def create_bootstrap_token(body: BootstrapTokenCreate, request: Request, ctx: Se
 def list_bootstrap_tokens(
     ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.ADMIN)),
     active: bool | None = Query(None, description="only tokens that can (true) or cannot (false) enroll now"),
-    limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=1000), offset: Offset = 0,
 ) -> Page[BootstrapTokenInfo]:
     """Newest first, without secrets; ``state`` says active, expired, exhausted or revoked."""
     now = utcnow()
@@ -139,7 +141,7 @@ def list_bootstrap_tokens(
 
 @router.delete("/bootstrap-tokens/{token_id}", status_code=204, tags=["fleet"],
                summary="Revoke a bootstrap token (admin)", responses=_errors(404))
-def revoke_bootstrap_token(token_id: int, request: Request, ctx: ServerContext = Depends(get_context),
+def revoke_bootstrap_token(token_id: DbId, request: Request, ctx: ServerContext = Depends(get_context),
                            who: Principal = Depends(require(Role.ADMIN))) -> Response:
     """No device can enroll with it afterwards; devices already enrolled with it are unaffected."""
     with ctx.sessions() as session:
@@ -183,7 +185,7 @@ def list_devices(
     tensorrt_version: str | None = Query(None, description="exact, e.g. 10.3.0"),
     agent_version: str | None = Query(None),
     revoked: bool | None = Query(None, description="only revoked (true) or only active (false) devices"),
-    limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=1000), offset: Offset = 0,
 ) -> Page[DeviceInfo]:
     """Devices ordered by id, with hardware, versions, labels, last seen and online state."""
     query = fleet.device_query(groups=group, tags=tag, online=online, gpu_compute_capability=gpu_compute_capability,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
@@ -10,8 +9,8 @@ from sqlalchemy import func, select
 
 from protocol.api import API_PREFIX
 from server import audit, registry
-from server.api.deps import client_address, get_context, require
-from server.api.schemas import ErrorResponse, RegistryActionRequest
+from server.api.deps import client_address, get_context, json_form_field, require
+from server.api.schemas import DbId, ErrorResponse, Offset, RegistryActionRequest
 from server.auth import Principal, Role
 from server.context import ServerContext
 from server.db.models import AlertRecord, AuditEntry, ModelVersion, Quarantine, Sample, Snapshot
@@ -31,7 +30,7 @@ def _errors(*codes: int) -> dict:
 
 
 @router.post("/models/{version}/approve", responses=_errors(404, 409))
-def approve_model(version: int, request: Request, body: RegistryActionRequest | None = None,
+def approve_model(version: DbId, request: Request, body: RegistryActionRequest | None = None,
                   ctx: ServerContext = Depends(get_context),
                   who: Principal = Depends(require(Role.OPERATOR))) -> dict:
     """Approve a candidate that passed its gate: it becomes production, the old one ``previous``."""
@@ -66,7 +65,7 @@ def rollback_model(request: Request, body: RegistryActionRequest | None = None,
 
 
 @router.get("/models/{version}/lineage", responses=_errors(404))
-def model_lineage(version: int, ctx: ServerContext = Depends(get_context),
+def model_lineage(version: DbId, ctx: ServerContext = Depends(get_context),
                   _: Principal = Depends(require(Role.VIEWER))) -> dict:
     """Model → job → snapshot chain → images and the devices that sent them."""
     with ctx.sessions() as session:
@@ -90,7 +89,7 @@ def model_lineage(version: int, ctx: ServerContext = Depends(get_context),
 @router.get("/snapshots/{snapshot_id}", responses=_errors(404, 409))
 def get_snapshot(snapshot_id: str, ctx: ServerContext = Depends(get_context),
                  _: Principal = Depends(require(Role.VIEWER)),
-                 limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+                 limit: int = Query(100, ge=1, le=1000), offset: Offset = 0) -> dict:
     with ctx.sessions() as session:
         snap = session.get(Snapshot, snapshot_id)
         if snap is None:
@@ -107,7 +106,7 @@ def get_snapshot(snapshot_id: str, ctx: ServerContext = Depends(get_context),
 @router.get("/alerts")
 def list_alerts(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
                 kind: str | None = None, limit: int = Query(50, ge=1, le=500),
-                offset: int = Query(0, ge=0)) -> dict:
+                offset: Offset = 0) -> dict:
     with ctx.sessions() as session:
         query = select(AlertRecord)
         count = select(func.count()).select_from(AlertRecord)
@@ -121,7 +120,7 @@ def list_alerts(ctx: ServerContext = Depends(get_context), _: Principal = Depend
 
 @router.get("/quarantines")
 def list_quarantines(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
-                     limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+                     limit: int = Query(50, ge=1, le=500), offset: Offset = 0) -> dict:
     """Devices whose labels are held back, their held sample counts, and the decisions (paginated)."""
     with ctx.sessions() as session:
         active = quarantined_devices(session)
@@ -163,9 +162,9 @@ async def import_labeled_images(
     """Labeled images (registered class ids) through the ingest checks; at most 256 per call."""
     try:
         source_id = import_source(source)
-        per_file = json.loads(labels)
-    except (ValueError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
+    per_file = json_form_field("labels", labels)
     if not isinstance(per_file, list) or len(per_file) != len(files):
         raise HTTPException(422, f"labels must be a JSON list with one entry per file ({len(files)} files)")
     if len(files) > 256:
@@ -191,7 +190,7 @@ async def import_labeled_images(
 @router.get("/audit")
 def list_audit(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.OPERATOR)),
                action: str | None = None, actor: str | None = None,
-               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+               limit: int = Query(100, ge=1, le=1000), offset: Offset = 0) -> dict:
     """The append-only audit log, newest first: who did what, to what, from where."""
     with ctx.sessions() as session:
         query, count = select(AuditEntry), select(func.count()).select_from(AuditEntry)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from protocol.api import API_PREFIX
 from server.api.deps import client_address, get_context, require
-from server.api.schemas import ErrorResponse, Page
+from server.api.schemas import DbId, ErrorResponse, Offset, Page
 from server.auth import Principal, Role
 from server.context import ServerContext
 from server.db.models import Rollout
@@ -140,7 +140,7 @@ def create_rollout(body: RolloutCreate, request: Request, ctx: ServerContext = D
             responses=_errors(422))
 def list_rollouts(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
                   state: RolloutState | None = Query(None),
-                  limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0)) -> dict:
+                  limit: int = Query(20, ge=1, le=200), offset: Offset = 0) -> dict:
     """Items carry each wave's gates and device counts by state; the device lists are on GET /rollouts/{id}."""
     with ctx.sessions() as session:
         return api.list_rollouts(session, state=state, limit=limit, offset=offset)
@@ -148,7 +148,7 @@ def list_rollouts(ctx: ServerContext = Depends(get_context), _: Principal = Depe
 
 @router.get("/rollouts/{rollout_id}", response_model=RolloutInfo, summary="One rollout with its waves and devices",
             responses=_errors(404))
-def get_rollout(rollout_id: int, ctx: ServerContext = Depends(get_context),
+def get_rollout(rollout_id: DbId, ctx: ServerContext = Depends(get_context),
                 _: Principal = Depends(require(Role.VIEWER))) -> dict:
     with ctx.sessions() as session:
         rollout = session.get(Rollout, rollout_id)
@@ -171,7 +171,7 @@ def _act(action: str, rollout_id: int, body: RolloutAction | None, request: Requ
 
 @router.post("/rollouts/{rollout_id}/approve", response_model=RolloutInfo, summary="Approve the next wave (operator)",
              responses=_errors(404, 409))
-def approve_rollout(rollout_id: int, request: Request, body: RolloutAction | None = None,
+def approve_rollout(rollout_id: DbId, request: Request, body: RolloutAction | None = None,
                     ctx: ServerContext = Depends(get_context),
                     who: Principal = Depends(require(Role.OPERATOR))) -> dict:
     """A rollout awaiting approval starts its next wave."""
@@ -180,7 +180,7 @@ def approve_rollout(rollout_id: int, request: Request, body: RolloutAction | Non
 
 @router.post("/rollouts/{rollout_id}/pause", response_model=RolloutInfo, summary="Pause a rollout (operator)",
              responses=_errors(404, 409))
-def pause_rollout(rollout_id: int, request: Request, body: RolloutAction | None = None,
+def pause_rollout(rollout_id: DbId, request: Request, body: RolloutAction | None = None,
                   ctx: ServerContext = Depends(get_context),
                   who: Principal = Depends(require(Role.OPERATOR))) -> dict:
     """No new deploy or promotion goes out; devices already shadowing keep shadowing."""
@@ -189,7 +189,7 @@ def pause_rollout(rollout_id: int, request: Request, body: RolloutAction | None 
 
 @router.post("/rollouts/{rollout_id}/resume", response_model=RolloutInfo, summary="Resume a paused rollout (operator)",
              responses=_errors(404, 409))
-def resume_rollout(rollout_id: int, request: Request, body: RolloutAction | None = None,
+def resume_rollout(rollout_id: DbId, request: Request, body: RolloutAction | None = None,
                    ctx: ServerContext = Depends(get_context),
                    who: Principal = Depends(require(Role.OPERATOR))) -> dict:
     """It carries on; a wave that had failed its gates runs again once its devices are back."""
@@ -198,7 +198,7 @@ def resume_rollout(rollout_id: int, request: Request, body: RolloutAction | None
 
 @router.post("/rollouts/{rollout_id}/abort", response_model=RolloutInfo, summary="Abort a rollout (operator)",
              responses=_errors(404, 409))
-def abort_rollout(rollout_id: int, request: Request, body: RolloutAction | None = None,
+def abort_rollout(rollout_id: DbId, request: Request, body: RolloutAction | None = None,
                   ctx: ServerContext = Depends(get_context),
                   who: Principal = Depends(require(Role.OPERATOR))) -> dict:
     """Devices not yet switched abort the candidate; switched devices keep it (see rollback)."""
@@ -207,7 +207,7 @@ def abort_rollout(rollout_id: int, request: Request, body: RolloutAction | None 
 
 @router.post("/rollouts/{rollout_id}/rollback", response_model=RolloutInfo,
              summary="Roll a rollout back (operator)", responses=_errors(404, 409))
-def rollback_rollout(rollout_id: int, request: Request, body: RolloutAction | None = None,
+def rollback_rollout(rollout_id: DbId, request: Request, body: RolloutAction | None = None,
                      ctx: ServerContext = Depends(get_context),
                      who: Principal = Depends(require(Role.OPERATOR))) -> dict:
     """Every device of the rollout goes back to the version it ran before (signed rollback commands)."""

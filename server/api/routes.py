@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 
 from protocol.api import API_PREFIX
 from server import audit, registry
-from server.api.deps import client_address, get_context, require
-from server.api.schemas import DeployRequest, RetrainRequest
+from server.api.deps import client_address, get_context, json_form_field, require
+from server.api.schemas import DbId, DeployRequest, Offset, RetrainRequest
 from server.auth import Principal, Role
 from server.context import ServerContext
 from server.db.models import AlertRecord, Deployment, Device, ModelVersion, Sample, TrainingJob
@@ -54,7 +54,7 @@ def _job_dict(j: TrainingJob) -> dict:
 
 @router.get("/models")
 def list_models(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
-                limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+                limit: int = Query(50, ge=1, le=500), offset: Offset = 0) -> dict:
     with ctx.sessions() as session:
         aliases = registry.aliases_of(session)
         total = session.scalar(select(func.count()).select_from(ModelVersion))
@@ -64,7 +64,7 @@ def list_models(ctx: ServerContext = Depends(get_context), _: Principal = Depend
 
 
 @router.get("/models/{version}")
-def get_model(version: int, ctx: ServerContext = Depends(get_context),
+def get_model(version: DbId, ctx: ServerContext = Depends(get_context),
               _: Principal = Depends(require(Role.VIEWER))) -> dict:
     with ctx.sessions() as session:
         m = session.get(ModelVersion, version)
@@ -84,6 +84,20 @@ async def _save_upload(upload: UploadFile, dest: Path) -> Path:
     return dest
 
 
+def _json_object(field: str, text: str) -> dict:
+    value = json_form_field(field, text)
+    if not isinstance(value, dict):
+        raise HTTPException(422, f"{field} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _is_number(value) -> bool:
+    try:
+        return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(float(value))
+    except OverflowError:  # an int past a float's range
+        return False
+
+
 @router.post("/models", status_code=201)
 async def register_model(
     request: Request,
@@ -96,10 +110,13 @@ async def register_model(
     who: Principal = Depends(require(Role.ENGINEER)),
 ) -> dict:
     """Register an externally trained model (e.g. the seed) and make it production."""
-    try:
-        metrics_obj, hyper_obj = json.loads(metrics), json.loads(hyperparameters)
-    except json.JSONDecodeError as exc:
-        raise HTTPException(422, f"metrics/hyperparameters are not JSON: {exc}") from None
+    metrics_obj, hyper_obj = _json_object("metrics", metrics), _json_object("hyperparameters", hyperparameters)
+    for eval_set, values in metrics_obj.items():
+        scores = values if isinstance(values, dict) else {}
+        for name in ("map50", "map50_95"):  # what goes into the bundle's manifest
+            score = scores.get(name)
+            if name in scores and not _is_number(score):
+                raise HTTPException(422, f"metrics.{eval_set}.{name} must be a number, not {score!r}")
     with tempfile.TemporaryDirectory() as tmp:
         pt = await _save_upload(weights, Path(tmp) / "model.pt")
         onnx_path = await _save_upload(onnx, Path(tmp) / "model.onnx")
@@ -126,7 +143,7 @@ def retrain(body: RetrainRequest, request: Request, ctx: ServerContext = Depends
 
 @router.get("/jobs")
 def list_jobs(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
-              limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0)) -> dict:
+              limit: int = Query(20, ge=1, le=200), offset: Offset = 0) -> dict:
     with ctx.sessions() as session:
         total = session.scalar(select(func.count()).select_from(TrainingJob))
         rows = session.scalars(select(TrainingJob).order_by(TrainingJob.id.desc()).limit(limit).offset(offset))
@@ -134,7 +151,7 @@ def list_jobs(ctx: ServerContext = Depends(get_context), _: Principal = Depends(
 
 
 @router.get("/jobs/{job_id}")
-def get_job(job_id: int, ctx: ServerContext = Depends(get_context),
+def get_job(job_id: DbId, ctx: ServerContext = Depends(get_context),
             _: Principal = Depends(require(Role.VIEWER))) -> dict:
     with ctx.sessions() as session:
         job = session.get(TrainingJob, job_id)
@@ -146,7 +163,7 @@ def get_job(job_id: int, ctx: ServerContext = Depends(get_context),
 @router.get("/samples")
 def list_samples(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
                  status_: str | None = Query(None, alias="status"), limit: int = Query(50, ge=1, le=500),
-                 offset: int = Query(0, ge=0)) -> dict:
+                 offset: Offset = 0) -> dict:
     with ctx.sessions() as session:
         query = select(Sample)
         if status_:
@@ -190,7 +207,7 @@ def create_deployment(body: DeployRequest, request: Request, ctx: ServerContext 
 
 @router.get("/deployments")
 def list_deployments(ctx: ServerContext = Depends(get_context), _: Principal = Depends(require(Role.VIEWER)),
-                     limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+                     limit: int = Query(100, ge=1, le=1000), offset: Offset = 0) -> dict:
     with ctx.sessions() as session:
         total = session.scalar(select(func.count()).select_from(Deployment))
         rows = session.scalars(select(Deployment).order_by(Deployment.id.desc()).limit(limit).offset(offset))

@@ -5,11 +5,23 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
+from fastapi import Path, Query
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from protocol.api import DeviceCredentials as DeviceCredentials  # re-exported: the API's name for it
 
 T = TypeVar("T")
+
+# The largest integers the database stores, so that a larger id or offset is refused with 422 by
+# validation instead of overflowing in the driver (a 500): the id columns are INTEGER, 32-bit on
+# PostgreSQL (64-bit on SQLite); OFFSET takes a BIGINT on both.
+DB_ID_MAX = 2**31 - 1
+SQL_INT_MAX = 2**63 - 1
+# An integer key (model version, rollout, job, bootstrap token) in a request body ...
+DbInt = Annotated[int, Field(ge=1, le=DB_ID_MAX)]
+# ... in a path, and a list endpoint's page offset.
+DbId = Annotated[int, Path(ge=1, le=DB_ID_MAX)]
+Offset = Annotated[int, Query(ge=0, le=SQL_INT_MAX, description="matches to skip")]
 
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 MAX_LABELS = 32
@@ -113,7 +125,7 @@ class RetrainRequest(BaseModel):
 
 class DeployRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int | Literal["production"] = "production"
+    version: DbInt | Literal["production"] = "production"
     devices: list[str] | None = None  # None: every enrolled device
     mode: Literal["shadow_then_switch", "direct"] = "shadow_then_switch"
     shadow_frames: int | None = Field(default=None, ge=1, le=1_000_000)

@@ -17,6 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from server import audit, registry
+from server.api.schemas import DB_ID_MAX
 from server.db.models import Device, Rollout, RolloutDevice, RolloutWave, utcnow
 from server.deploy import DeployError, deployable
 from server.rollouts import plan
@@ -38,6 +39,8 @@ def _version(session: Session, version: int | str) -> int:
         if prod is None:
             raise RolloutError(409, "there is no production model to roll out")
         version = prod.version
+    if not 1 <= int(version) <= DB_ID_MAX:  # RolloutCreate accepts any int; the database does not
+        raise RolloutError(422, f"version {version} is out of range (1 to {DB_ID_MAX})")
     try:
         deployable(session, int(version))
     except DeployError as exc:
