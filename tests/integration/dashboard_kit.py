@@ -380,8 +380,11 @@ class SimulatedDevice:
                 self._publish(ShadowReport(
                     device_id=self.device_id, update_id=shadowing, active_version=active, candidate_version=candidate,
                     window=window, frames_compared=self.window_frames, frames_dropped=0,
-                    agreement=self.agreement, confident_agreement=self.agreement, corrected_frames=4,
-                    active_accuracy=0.75, candidate_accuracy=0.95,
+                    # Every frame's truth known: the active model right on 90 % (enough to be trusted, so
+                    # the agreement guard applies), the candidate also on the other 10 % (it passes).
+                    agreement=self.agreement, confident_agreement=self.agreement,
+                    corrected_frames=self.window_frames, active_accuracy=0.9, candidate_accuracy=1.0,
+                    candidate_only_correct=self.window_frames // 10, active_only_correct=0,
                     active_latency_ms_p50=4.2, active_latency_ms_p99=9.5, candidate_latency_ms_p50=4.4,
                     candidate_latency_ms_p99=9.9, errors=0))
 

@@ -1,10 +1,10 @@
 """Rollouts across real agents: the server app (real Mosquitto with per-device credentials,
 SeaweedFS, SQLite or PostgreSQL), the rollout controller in it, and four real
-``edge_agent.runtime.Agent`` instances in threads running the seed model (ONNX Runtime) on shifted
-``line_b`` frames with QA labels, updated through signed bundles from the registry.
+``edge_agent.runtime.Agent`` instances in threads running the seed model (ONNX Runtime) on
+``base`` frames with QA labels, updated through signed bundles from the registry.
 
-- A deliberately worse candidate (the seed with its class scores rotated and boosted: on the shifted
-  frames it sees confident defects everywhere) fails the canary's sequential accuracy test
+- A deliberately worse candidate (the seed with its class scores rotated and boosted: on the
+  frames it reports confident defects of the wrong class) fails the canary's sequential accuracy test
   (significantly worse on the paired outcomes of labeled frames); the rollout stops, no
   device beyond the canary is ever sent anything, and the canary keeps serving the previous model.
   The agents' own accuracy check is relaxed here so that the server's gates are what decides.
@@ -54,8 +54,8 @@ from server.settings import RolloutPolicy  # noqa: E402
 pytestmark = [pytest.mark.integration]
 
 AGENTS = 4
-# One shadow window (min_frames) covers the whole looped folder once: the seed is right on 4 of these
-# 30 frames (the ones without defects), the worse candidate on none.
+# One shadow window (min_frames) covers the whole looped folder once; the worse candidate (classes
+# rotated) is wrong on every frame with a defect the seed gets right.
 FRAMES = 30
 FRAMES_SEED = 2
 # Four agents share 2 CPU cores here: the latency budget is loosened so that it is not what decides
@@ -110,7 +110,10 @@ def fleet_data(model_cache, tmp_path_factory):
     seed = ensure_seed_model(model_cache, "fast", config_dir=model_cache / "ultralytics")
     work = tmp_path_factory.mktemp("rollout-data")
     frames = work / "frames"
-    synth.write_frames(frames, synth.DEFAULT_SHIFT, FRAMES_SEED, 0, FRAMES, seed.imgsz)
+    # Frames of the scenario the seed was trained on, so that any seed this machine trains is right on
+    # many of them (on the shifted line every seed may be wrong everywhere, and then no candidate is
+    # worse on known truth: the evidence rule rightly finds nothing against it).
+    synth.write_frames(frames, "base", FRAMES_SEED, 0, FRAMES, seed.imgsz)
     return seed, worse_on_shifted_data(seed.onnx, work / "worse.onnx"), frames
 
 
@@ -247,8 +250,7 @@ def test_worse_candidate_stops_at_the_canary_which_keeps_the_previous_model(worl
     assert accuracy["evidence"]["active_only"] > accuracy["evidence"]["candidate_only"]
     assert accuracy["value"] <= accuracy["threshold"]  # the exact p-value against its per-look level
     assert "paired_accuracy" in canary["reason"]
-    # The seed is right on few of these frames, so agreeing with it is no guard here.
-    assert gates["min_agreement"]["passed"] is None and "not applied" in gates["min_agreement"]["detail"]
+    # Whether the agreement guard applies depends on how often this seed is right: not asserted.
     shadow = canary["devices"][0]["shadow"]
     assert shadow["candidate_accuracy"] < shadow["active_accuracy"]
     assert shadow["active_only_correct"] > 0 and shadow["candidate_only_correct"] == 0
@@ -317,7 +319,7 @@ def test_good_candidate_reaches_every_device_through_a_server_restart_then_rolls
     assert accuracy["passed"] is True and accuracy["evidence"]["test"] == "non-inferiority", accuracy
     assert accuracy["evidence"]["candidate_only"] == accuracy["evidence"]["active_only"] == 0
     assert accuracy["value"] < GateConfig().margin
-    assert gates["min_agreement"]["passed"] is not False  # the seed is right on few line_b frames: no guard
+    assert gates["min_agreement"]["passed"] is not False  # the same weights agree with themselves
     assert view["waves"][0]["devices"][0]["shadow"]["agreement"] == pytest.approx(1.0)  # the same weights
 
     # Nothing was issued twice: one deploy and one promote per device, the pre-restart ids kept.
