@@ -28,12 +28,27 @@ def _errors(*codes: int) -> dict:
     return {code: {"model": ErrorResponse, "description": _REASONS[code]} for code in codes}
 
 
+class EvidenceInfo(BaseModel):
+    """What the sequential accuracy decision (paired_accuracy) saw and decided."""
+
+    decision: str = Field(description="pass, fail or wait")
+    test: str = Field(description="superiority, non-inferiority, inferiority, or empty while undecided")
+    known: int = Field(description="known-truth frames both models ran on, pooled over the wave")
+    candidate_only: int = Field(description="frames only the candidate got right")
+    active_only: int = Field(description="frames only the active model got right")
+    look: int = Field(description="the deciding look (or looks taken so far)")
+    p_value: float | None = None
+    level: float | None = Field(None, description="the per-look level the p-value or bound was held to")
+    upper_bound: float | None = Field(None, description="non-inferiority: bound on the accuracy loss")
+
+
 class GateInfo(BaseModel):
     name: str = Field(description="the GateConfig field it checks, e.g. min_agreement")
     value: float | None = Field(description="current value (None: not measured yet)")
     threshold: float | None
     passed: bool | None = Field(description="None: not measured yet")
     detail: str = ""
+    evidence: EvidenceInfo | None = Field(None, description="paired_accuracy only: the decision's figures")
 
 
 class ShadowInfo(BaseModel):
@@ -44,6 +59,9 @@ class ShadowInfo(BaseModel):
     corrected_frames: int
     active_accuracy: float | None
     candidate_accuracy: float | None
+    candidate_only_correct: int = Field(0, description="known frames only the candidate got right")
+    active_only_correct: int = Field(0, description="known frames only the active model got right")
+    active_latency_ms_p99: float | None = None
     candidate_latency_ms_p99: float | None
     errors: int
 

@@ -31,11 +31,12 @@ def test_triggers_coalesce_and_jobs_run_one_at_a_time(tmp_path):
     concurrent = []
 
     def run_job(job_id: int) -> None:
-        running.append(job_id)
-        concurrent.append(len(running) - len(finished))
         with sessions() as s:
             s.get(TrainingJob, job_id).status = "running"
             s.commit()
+        # Seen as running only once the row says so: a trigger before that joins the queued job.
+        running.append(job_id)
+        concurrent.append(len(running) - len(finished))
         release.wait(5)
         with sessions() as s:
             s.get(TrainingJob, job_id).status = "succeeded"
