@@ -289,11 +289,16 @@ def _run_loop(config, knobs, workdir, stack, seed, golden_set, shifted_set, fram
     def switched():
         items = devices()
         progress("devices", {"items": items, "version": after_version})
+        succeeded = False
         for rollout in api.get("/api/v1/rollouts", params={"limit": 20}).json()["items"]:
+            if rollout["version"] != after_version:
+                continue
             # A rollout that stopped will not switch anyone: say why now, not at the stage timeout.
-            if rollout["version"] == after_version and rollout["state"] in STOPPED_ROLLOUT_STATES:
+            if rollout["state"] in STOPPED_ROLLOUT_STATES:
                 raise DemoFailed(f"the rollout of v{after_version} is {rollout['state']}: {rollout['reason']}")
-        return all(d["active_version"] == after_version for d in items)
+            succeeded = succeeded or rollout["state"] == "succeeded"
+        # Done when the devices run it and the rollout itself has recorded its last wave as passed.
+        return succeeded and all(d["active_version"] == after_version for d in items)
 
     _wait(f"every agent to switch to v{after_version}", switched, 600, procs)
     stage("rollout", t0)
