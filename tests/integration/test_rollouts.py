@@ -413,7 +413,8 @@ def test_two_controllers_on_one_postgresql_database_never_double_act(postgres, t
                                         from_state="STAGED", to_state="SHADOWING", event="start_shadow"),
                             ShadowReport(device_id=device_id, update_id=command.command_id, active_version=1,
                                          candidate_version=2, window=0, frames_compared=20, frames_dropped=0,
-                                         agreement=1.0)]
+                                         agreement=1.0, corrected_frames=20, active_accuracy=0.5,
+                                         candidate_accuracy=1.0, candidate_only_correct=10, active_only_correct=0)]
             elif isinstance(command, PromoteCommand):
                 deploy = next(c for _, d, c in published if d == device_id and isinstance(c, DeployCommand))
                 messages = [UpdateEvent(device_id=device_id, update_id=deploy.command_id, version=2,
