@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from server.rollouts.sequential import Evidence, PairedCounts, decide, lower_accuracy_bound
@@ -88,7 +89,7 @@ class ShadowTotals:
     # Paired outcomes per window, with when it arrived (older agents' windows have none).
     paired: tuple[tuple[float, PairedCounts], ...] = ()
 
-    @property
+    @cached_property
     def paired_total(self) -> PairedCounts:
         total = PairedCounts()
         for _, counts in self.paired:

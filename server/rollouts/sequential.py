@@ -125,7 +125,14 @@ def judge_look(counts: PairedCounts, rule: Rule, look: int) -> Evidence:
         upper_loss = _bounds(c, n, ni_level)[1] - _bounds(b, n, ni_level)[0]
         if upper_loss < rule.margin:
             return Evidence("pass", "non-inferiority", counts, look, None, ni_level, upper_loss)
-    return Evidence("wait", "", counts, look, p_sup if b + c else None, superiority_level)
+    return _waiting(counts, rule, look)
+
+
+def _waiting(counts: PairedCounts, rule: Rule, look: int) -> Evidence:
+    """No decision yet: the superiority p-value so far, for the dashboard."""
+    discordant = counts.candidate_only + counts.active_only
+    return Evidence("wait", "", counts, look, _greater(counts.candidate_only, discordant) if discordant else None,
+                    rule.alpha / (2 * rule.looks))
 
 
 def decide(windows: Iterable[PairedCounts], rule: Rule) -> Evidence:
@@ -141,9 +148,7 @@ def decide(windows: Iterable[PairedCounts], rule: Rule) -> Evidence:
             verdict = judge_look(total, rule, looked)
             if verdict.decision != "wait":
                 return verdict
-    p = _greater(total.candidate_only, total.candidate_only + total.active_only)
-    return Evidence("wait", "", total, looked,
-                    p if total.candidate_only + total.active_only else None, rule.alpha / (2 * rule.looks))
+    return _waiting(total, rule, looked)
 
 
 @lru_cache(maxsize=4096)
