@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,19 +15,12 @@ import cv2
 import numpy as np
 
 from protocol.messages import Box, SampleEvent
+from training.image_header import DEFAULT_MAX_PIXELS, ImageHeaderError
+from training.image_header import image_header_size as _header_size
 
 
 class SampleRejected(ValueError):
     """The sample is kept in the database as rejected, with this reason."""
-
-
-DEFAULT_MAX_PIXELS = 4096 * 4096  # ~50 MB once decoded to 8-bit BGR
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# JPEG start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic):
-# every 0xC0-0xCF except DHT (C4), JPG (C8) and DAC (CC).
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
 
 
 @dataclass(frozen=True)
@@ -39,52 +31,12 @@ class ImageLimits:
 
 
 def image_header_size(data: bytes) -> tuple[str, int, int]:
-    """``(format, width, height)`` read from a PNG's IHDR or a JPEG's frame header, decoding nothing.
-
-    Only the formats ingest accepts are recognised; anything else is rejected, as is a header that
-    is cut short or declares no size.
-    """
-    if data.startswith(PNG_SIGNATURE):
-        # The IHDR chunk must come first: length 13, type, width, height (big-endian uint32).
-        if len(data) < 33 or data[8:16] != b"\x00\x00\x00\x0dIHDR":
-            raise SampleRejected("image does not decode (PNG without an IHDR header)")
-        width, height = struct.unpack(">II", data[16:24])
-        fmt = "PNG"
-    elif data.startswith(b"\xff\xd8"):
-        width, height = _jpeg_frame_size(data)
-        fmt = "JPEG"
-    else:
-        raise SampleRejected("image does not decode (not a JPEG or PNG)")
-    if width == 0 or height == 0 or width > 2**31 - 1 or height > 2**31 - 1:
-        raise SampleRejected(f"image does not decode ({fmt} header declares {width}x{height})")
-    return fmt, width, height
-
-
-def _jpeg_frame_size(data: bytes) -> tuple[int, int]:
-    pos, end = 2, len(data)
-    while pos < end:
-        if data[pos] != 0xFF:
-            break  # not at a marker: corrupt
-        while pos < end and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= end:
-            break
-        marker = data[pos]
-        pos += 1
-        if marker in _JPEG_STANDALONE:
-            continue
-        if marker in (0xD9, 0xDA) or pos + 2 > end:  # EOI / start of scan before any frame header
-            break
-        length = int.from_bytes(data[pos:pos + 2], "big")
-        if length < 2:
-            break
-        if marker in _JPEG_SOF:
-            if length < 7 or pos + 7 > end:
-                break
-            height, width = struct.unpack(">HH", data[pos + 3:pos + 7])
-            return width, height
-        pos += length
-    raise SampleRejected("image does not decode (JPEG without a frame header)")
+    """``(format, width, height)`` from the header, decoding nothing (``training.image_header``, the
+    one parser ingest and the data contract share); a bad header is a :class:`SampleRejected`."""
+    try:
+        return _header_size(data)
+    except ImageHeaderError as exc:
+        raise SampleRejected(str(exc)) from None
 
 
 def check_image_header(data: bytes, limits: ImageLimits) -> tuple[int, int]:

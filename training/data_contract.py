@@ -1,10 +1,11 @@
 """The data contract every training batch must meet before any training starts.
 
-Checks per sample: the image decodes, its format, byte size and sides are within limits, the
-labels parse, class ids are in the registered class list, boxes lie inside the image with a
-positive area; across the batch: exact duplicates (sha256) and near duplicates (perceptual
-hash), and no overlap with the golden set (leakage, exact or near). A rejected sample keeps
-its reason; a batch with too many rejects halts with the report. Pure: bytes in, report out.
+Checks per sample: the image decodes, its format, byte size, sides and pixel count are within
+limits (sides and pixels read from the header before anything is decoded), the labels parse,
+class ids are in the registered class list, boxes lie inside the image with a positive area;
+across the batch: exact duplicates (sha256) and near duplicates (perceptual hash), and no
+overlap with the golden set (leakage, exact or near). A rejected sample keeps its reason; a
+batch with too many rejects halts with the report. Pure: bytes in, report out.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from training.image_header import DEFAULT_MAX_PIXELS, ImageHeaderError, image_header_size
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 _MAGIC = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png"}
 
@@ -36,6 +39,8 @@ class ContractLimits:
     max_bytes: int = 8 * 1024 * 1024
     min_side: int = 16
     max_side: int = 4096
+    # Width x height, read from the header before decoding: a small file may declare a huge image.
+    max_pixels: int = DEFAULT_MAX_PIXELS
     # Perceptual-hash Hamming distance (of 256 bits) at or below which two images are the same scene.
     # 64-bit hashes put distinct synthetic frames as close as 4 bits; at 256 bits distinct frames
     # stayed >= 34 apart while noisy re-encodes of one frame moved <= 18 bits at p99.
@@ -169,17 +174,26 @@ def check_labels(labels: Sequence[dict], class_names: Sequence[str]) -> None:
 
 
 def decode_image(data: bytes, limits: ContractLimits) -> np.ndarray:
+    """Byte size, format, then the sides and pixel count from the header, all before decoding, so
+    that a few-KB file declaring 20000x20000 pixels never allocates them; then the decode itself."""
     if len(data) > limits.max_bytes:
         raise ContractViolation(f"image is {len(data)} bytes, over the {limits.max_bytes}-byte limit")
     kind = next((k for magic, k in _MAGIC.items() if data.startswith(magic)), None)
     if kind is None or kind not in limits.formats:
         raise ContractViolation(f"image format {kind or 'unknown'} is not one of {sorted(limits.formats)}")
+    try:
+        _, w, h = image_header_size(data)
+    except ImageHeaderError as exc:
+        raise ContractViolation(str(exc)) from None
+    if min(h, w) < limits.min_side or max(h, w) > limits.max_side:
+        raise ContractViolation(f"image is {w}x{h}; sides must lie in [{limits.min_side}, {limits.max_side}]")
+    if w * h > limits.max_pixels:
+        raise ContractViolation(f"image is {w}x{h} ({w * h} pixels), over the {limits.max_pixels}-pixel limit")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise ContractViolation(f"image does not decode (corrupt or truncated {kind})")
-    h, w = image.shape[:2]
-    if min(h, w) < limits.min_side or max(h, w) > limits.max_side:
-        raise ContractViolation(f"image is {w}x{h}; sides must lie in [{limits.min_side}, {limits.max_side}]")
+    if image.shape[1::-1] != (w, h):  # the decoder must agree with the header checked above
+        raise ContractViolation(f"image decodes to {image.shape[1]}x{image.shape[0]} but its header says {w}x{h}")
     return image
 
 

@@ -91,6 +91,7 @@ class DataGate:
     def limits(self) -> ContractLimits:
         s, t = self._settings, self._settings.training
         return ContractLimits(tuple(s.class_names), max_bytes=s.max_sample_bytes, max_side=s.max_image_side,
+                              max_pixels=s.max_image_pixels,
                               near_duplicate_distance=t.near_duplicate_distance,
                               max_reject_fraction=t.max_reject_fraction, min_class_share=t.min_class_share)
 
