@@ -32,6 +32,12 @@ class TrainingPolicy(BaseSettings):
     # Base-data images replayed beside the new samples, as a multiple of the new ones,
     # so that fine-tuning does not forget what the golden set measures.
     replay_ratio: float = Field(FINETUNE_DEFAULTS.replay_ratio, ge=0, le=10)
+    # The training set is cumulative: a retrain also takes up to this many samples of the earlier
+    # snapshots of its parent chain, an equal share per snapshot, chosen by a stable hash of the
+    # sample id (server.pipeline.snapshot.select_history); 0 trains on the new snapshot alone.
+    history_max_images: int = Field(2000, ge=0, le=1_000_000)
+    # How far back along the parent chain history reaches (snapshots).
+    history_max_snapshots: int = Field(20, ge=1, le=10_000)
 
     def finetune_params(self) -> dict:
         """The recipe as training.finetune.FineTuneParams fields, for the job spec."""

@@ -32,11 +32,15 @@ from server.pipeline.data_gate import CachedStore, DataGate
 from server.pipeline.executor import JobFailed
 from server.pipeline.gate import GatePolicy, decide
 from server.pipeline.snapshot import (
+    HistorySelection,
     SnapshotError,
     claim_snapshot,
     freeze_snapshot,
     load_snapshot_manifest,
     materialize,
+    materialize_history,
+    select_history,
+    walk_snapshot_chain,
 )
 from server.pipeline.stages import (
     DONE,
@@ -401,25 +405,54 @@ class RetrainRunner:
         root = job.work / "data"
         if root.exists():  # an interrupted attempt's half-written copy
             shutil.rmtree(root)
-        dataset = materialize(CachedStore(self._store, job.cache), job.manifest, root, policy.val_fraction)
+        store = CachedStore(self._store, job.cache)
+        dataset = materialize(store, job.manifest, root, policy.val_fraction)
+        history = self._history(job.manifest)
+        history_train, history_val = materialize_history(store, history, root / "history")
         replay = []
-        if s.replay_data:
-            replay = replay_images(s.replay_data, int(len(dataset.train_images) * policy.replay_ratio))
-        data_yaml = synth.write_data_yaml(root, [write_train_list(root, dataset.train_images + replay)],
-                                          [dataset.val_dir], s.class_names)
+        if s.replay_data:  # as a multiple of all the line data trained on, new and history alike
+            replay = replay_images(s.replay_data,
+                                   int((len(dataset.train_images) + len(history_train)) * policy.replay_ratio))
+        data_yaml = synth.write_data_yaml(
+            root, [write_train_list(root, dataset.train_images + history_train + replay)], [dataset.val_dir],
+            s.class_names)
         new_data_yaml = synth.write_data_yaml(root, [dataset.val_dir], [dataset.val_dir], s.class_names,
                                               filename="new_data.yaml")
         prod_pt = job.work / "production.pt"
         self._store.download_file(snap["production_pt_key"], prod_pt)
         eval_sets = {"golden": str(s.eval_sets["golden"]), "new_data": str(new_data_yaml)}
         eval_sets.update({k: str(v) for k, v in s.eval_sets.items() if k != "golden"})
+        if history_val:  # earlier snapshots' held-out samples: does the candidate still hold them?
+            listing = write_train_list(root, history_val, "history-val.txt")
+            eval_sets["history"] = str(synth.write_data_yaml(root, [listing], [listing], s.class_names,
+                                                             filename="history.yaml"))
         if len(snap["devices"]) > 1:  # with one source device its slice is the new-data split itself
             eval_sets.update(device_slices(root, job.manifest, dataset.val_images, s.class_names))
-        self._log(job.id, f"dataset: {len(dataset.train_images)} new train + {len(replay)} replayed, "
-                          f"{len(dataset.val_images)} new-data val")
+        summary = history.summary()
+        self._log(job.id, f"dataset: {len(dataset.train_images)} new train + {len(history_train)} history from "
+                          f"{sum(1 for p in summary['snapshots'] if p['train'] or p['val'])} snapshots + "
+                          f"{len(replay)} replayed; {len(dataset.val_images)} new-data val, "
+                          f"{len(history_val)} history val (cap {policy.history_max_images})")
+        self._merge_result(job.id, history=summary)
         return {"data_yaml": str(data_yaml), "production_pt": str(prod_pt), "eval_sets": eval_sets,
                 "train_images": len(dataset.train_images), "replay_images": len(replay),
-                "val_images": len(dataset.val_images)}
+                "val_images": len(dataset.val_images), "history_images": len(history_train),
+                "history_val_images": len(history_val), "history": summary}
+
+    def _history(self, manifest: dict) -> HistorySelection:
+        """The earlier snapshots' samples this job trains on too (the parent chain, capped)."""
+        policy = self._settings.training
+        if policy.history_max_images <= 0 or not manifest.get("parent"):
+            return HistorySelection((), policy.history_max_images, policy.history_max_snapshots)
+        try:
+            chain, truncated = walk_snapshot_chain(lambda sid: load_snapshot_manifest(self._store, sid),
+                                                   manifest["parent"], policy.history_max_snapshots)
+        except SnapshotError as exc:
+            raise JobFailed(f"{exc}; the samples stay pending (EDGELOOP_TRAIN_HISTORY_MAX_IMAGES=0 trains "
+                            "without history)") from None
+        return select_history(chain, max_images=policy.history_max_images, val_fraction=policy.val_fraction,
+                              exclude={e["id"] for e in manifest["samples"]},
+                              max_snapshots=policy.history_max_snapshots, truncated=truncated)
 
     def _dataset_reusable(self, job: _Job, output: dict) -> bool:
         return Path(output["data_yaml"]).is_file() and Path(output["production_pt"]).is_file()

@@ -730,3 +730,75 @@ def test_a_job_killed_before_any_stage_finished_is_failed_and_its_samples_releas
         job = session.get(TrainingJob, job_id)
     assert "nothing of it was kept to resume from" in job.result["error"]
     _assert_nothing_lost(ctx, job, ids)
+
+
+# ---------------------------------------------------------------------- the training set is cumulative
+
+
+def _listed(data_yaml: str, split: str) -> set[str]:
+    (entry,) = yaml.safe_load(Path(data_yaml).read_text())[split]
+    path = Path(entry)
+    files = path.read_text().split() if path.is_file() else [str(p) for p in path.glob("*.jpg")]
+    return {Path(f).stem for f in files}
+
+
+def test_a_second_retrain_trains_on_the_first_snapshots_samples_too(ctx, tiny_onnx):
+    from server.pipeline.snapshot import is_validation
+
+    val_fraction = ctx.settings.training.val_fraction
+    first_ids = _add_samples(ctx, 30)
+    job1, _ = _run(ctx, StandInExecutor(tiny_onnx("c1.onnx"), GOOD))
+    assert job1.status == "succeeded", job1.log
+    assert job1.result["history"]["snapshots"] == []  # the seed has no snapshot: nothing earlier
+
+    second_ids = _add_samples(ctx, 30, start=100)
+    executor = StandInExecutor(tiny_onnx("c2.onnx"), GOOD)
+    job2, _ = _run(ctx, executor)
+    assert job2.status == "succeeded", job2.log
+    spec = executor.spec
+    train = _listed(spec["data_yaml"], "train")
+    first_val = {i for i in first_ids if is_validation(i, val_fraction)}
+    # The first snapshot's training samples are trained on again; its held-out ones stay held out,
+    # as the history eval set, and the gate's new-data split is the new snapshot's alone.
+    assert set(first_ids) - first_val <= train
+    assert not first_val & train
+    assert _listed(spec["eval_sets"]["history"], "val") == first_val
+    new_val = _listed(spec["eval_sets"]["new_data"], "val")
+    assert new_val and new_val <= set(second_ids)
+    assert set(second_ids) - new_val <= train
+
+    (used,) = job2.result["history"]["snapshots"]
+    assert used["id"] == job1.snapshot_id and used["depth"] == 1
+    assert used["train"] + used["val"] == 30 and used["val"] == len(first_val)
+    output = job2.result["pipeline"]["stages"]["dataset"]["output"]
+    assert output["history_images"] == 30 - len(first_val) and output["history_val_images"] == len(first_val)
+    replayed = 10  # the replay set's size caps the 2x replay
+    assert len(train) == output["train_images"] + output["history_images"] + replayed
+    assert f"{output['train_images']} new train + {output['history_images']} history from 1 snapshots" in job2.log
+
+
+def test_history_off_trains_on_the_new_snapshot_alone(ctx, tiny_onnx):
+    ctx.settings.training.history_max_images = 0
+    _add_samples(ctx, 20)
+    assert _run(ctx, StandInExecutor(tiny_onnx("c1.onnx"), GOOD))[0].status == "succeeded"
+    second_ids = _add_samples(ctx, 20, start=100)
+    executor = StandInExecutor(tiny_onnx("c2.onnx"), GOOD)
+    job, _ = _run(ctx, executor)
+    assert job.status == "succeeded", job.log
+    assert _listed(executor.spec["data_yaml"], "train") - {f"b{i}" for i in range(10)} <= set(second_ids)
+    assert "history" not in executor.spec["eval_sets"]
+
+
+def test_a_tampered_parent_snapshot_fails_the_job_clearly_and_keeps_its_samples(ctx, tiny_onnx):
+    _add_samples(ctx, 20)
+    job1, _ = _run(ctx, StandInExecutor(tiny_onnx("c1.onnx"), GOOD))
+    assert job1.status == "succeeded", job1.log
+    key = f"snapshots/{job1.snapshot_id}.json"
+    manifest = json.loads(ctx.store.get_bytes(key, max_bytes=10_000_000))
+    manifest["samples"][0]["labels"] = []
+    ctx.store.put_bytes(key, json.dumps(manifest).encode(), "application/json")
+    ids = _add_samples(ctx, 20, start=100)
+    job2, _ = _run(ctx, StandInExecutor(tiny_onnx("c2.onnx"), GOOD))
+    assert job2.status == "failed" and job2.result["failed_stage"] == "dataset"
+    assert f"snapshot {job1.snapshot_id[:12]}" in job2.result["error"] and "hashes to" in job2.result["error"]
+    assert _books(ctx)["pending"] == sorted(ids)
