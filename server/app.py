@@ -49,16 +49,18 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
     ctx = ServerContext(settings=settings, engine=engine, sessions=sessions, store=store, bus=None,
                         accounts=accounts, publisher=publisher, scheduler=None, ingest=None, alerts=alerts)
 
-    def on_promoted(version: int) -> None:
-        if settings.auto_deploy:  # a rollout: canary first, gated on its shadow reports (RolloutPolicy.auto_waves)
+    def on_approved(version: int) -> None:
+        # With auto-deploy a rollout (canary first, gated on its shadow reports: RolloutPolicy.auto_waves)
+        # takes it to the fleet, and its completion makes it production.
+        if settings.auto_deploy:
             from server.rollouts.api import create_auto_rollout
 
             with sessions() as session:
                 create_auto_rollout(session, version, settings, actor="auto-deploy")
             ctx.rollouts.nudge()
 
-    ctx.on_promoted = on_promoted
-    runner = RetrainRunner(settings, sessions, store, make_executor(settings, store), publisher, on_promoted,
+    ctx.on_approved = on_approved
+    runner = RetrainRunner(settings, sessions, store, make_executor(settings, store), publisher, on_approved,
                            alerts=alerts)
     ctx.scheduler = RetrainScheduler(sessions, runner.run)
     ctx.ingest = IngestService(
@@ -73,6 +75,12 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
     ctx.rollouts = make_rollout_controller(ctx, key)
     ctx.ingest.on_device_message = ctx.rollouts.observe
     ctx.drift = make_drift_monitor(ctx, key)
+    ctx.signing_key = key
+    converge = settings.auto_deploy if settings.converge_to_production is None else settings.converge_to_production
+    if converge:
+        from server.fleet_convergence import make_fleet_convergence
+
+        ctx.convergence = make_fleet_convergence(ctx, key)
     ctx.ingest.on_drift = ctx.drift.handle
     if connect_mqtt:
         ctx.bus = MqttBus(settings.mqtt_host, settings.mqtt_port, settings.mqtt_username,
@@ -100,10 +108,14 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
             ctx.bus.start()
         ctx.scheduler.start()
         ctx.rollouts.start()
+        if ctx.convergence is not None:
+            ctx.convergence.start()
         ctx.ingest.start_rechecker()
         log.info("server.started", url=settings.resolved_public_url(), db=settings.resolved_database_url())
         yield
         ctx.ingest.stop()
+        if ctx.convergence is not None:
+            ctx.convergence.stop()
         ctx.rollouts.stop()
         ctx.scheduler.stop()
         if ctx.bus is not None:

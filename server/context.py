@@ -22,6 +22,8 @@ class ServerContext:
     scheduler: object  # server.pipeline.trigger.RetrainScheduler
     ingest: object  # server.ingest.IngestService
     alerts: object = None  # server.alerts.AlertService
-    on_promoted: object = None  # callable(version): what happens when a version becomes production
+    on_approved: object = None  # callable(version): what happens when a version is approved for release
     rollouts: object = None  # server.rollouts.controller.RolloutController
     drift: object = None  # server.drift.monitor.DriftMonitor
+    convergence: object = None  # server.fleet_convergence.FleetConvergence, when devices follow production
+    signing_key: object = None  # the bundle signing key, which also signs rollback commands

@@ -34,6 +34,7 @@ def deploy_version(
     shadow_frames: int,
     presign_seconds: int,
     actor: str,
+    reason: str = "",
 ) -> list[Deployment]:
     """Publish a DeployCommand to each device (all non-revoked devices when ``device_ids`` is None)."""
     mv = _deployable(session, version)
@@ -42,13 +43,15 @@ def deploy_version(
     sent = []
     for device in devices:
         command = deploy_command(device.id, mv, url, mode=mode, shadow_frames=shadow_frames)
-        deployment = Deployment(device_id=device.id, version=version, command_id=command.command_id, mode=mode)
+        deployment = Deployment(device_id=device.id, version=version, command_id=command.command_id, mode=mode,
+                                reason=reason[:4000])
         session.add(deployment)
         session.flush()
         bus.publish_command(device.id, command)
         metrics.DEPLOY_COMMANDS.labels(mode=mode).inc()
         sent.append(deployment)
-    audit.record(session, actor, "deploy", f"version:{version}", devices=[d.id for d in devices], mode=mode)
+    audit.record(session, actor, "deploy", f"version:{version}", devices=[d.id for d in devices], mode=mode,
+                 reason=reason)
     session.commit()
     log.info("deploy.sent", version=version, devices=len(sent), mode=mode)
     return sent

@@ -253,6 +253,9 @@ class ServerSettings(BaseSettings):
     # Width x height, read from the image header before decoding (a few-KB PNG can declare 20000x20000).
     max_image_pixels: int = Field(4096 * 4096, ge=1024)
     auto_deploy: bool = False
+    # Keep every device that no rollout owns on production: one that enrolls, or comes online after
+    # a rollout or a fleet rollback finished, is sent production (None: on when auto_deploy is).
+    converge_to_production: bool | None = None
     shadow_frames: int = Field(50, ge=1)
     presign_seconds: int = Field(3600, ge=60, le=7 * 24 * 3600)
 

@@ -10,10 +10,17 @@ from sqlalchemy import func, select
 from protocol.api import API_PREFIX
 from server import audit, registry
 from server.api.deps import client_address, get_context, json_form_field, require
-from server.api.schemas import DbId, ErrorResponse, Offset, RegistryActionRequest
+from server.api.schemas import (
+    DbId,
+    ErrorResponse,
+    FleetRollbackRequest,
+    FleetRollbackResult,
+    Offset,
+    RegistryActionRequest,
+)
 from server.auth import Principal, Role
 from server.context import ServerContext
-from server.db.models import AlertRecord, AuditEntry, ModelVersion, Quarantine, Sample, Snapshot
+from server.db.models import AlertRecord, AliasChange, AuditEntry, ModelVersion, Quarantine, Sample, Snapshot
 from server.importer import import_image, import_source
 from server.pipeline.data_gate import quarantined_devices, release_quarantine
 from server.pipeline.snapshot import SnapshotError, load_snapshot_manifest
@@ -33,35 +40,54 @@ def _errors(*codes: int) -> dict:
 def approve_model(version: DbId, request: Request, body: RegistryActionRequest | None = None,
                   ctx: ServerContext = Depends(get_context),
                   who: Principal = Depends(require(Role.OPERATOR))) -> dict:
-    """Approve a candidate that passed its gate: it becomes production, the old one ``previous``."""
+    """Approve a candidate that passed its gate. Without auto-deploy it becomes production at once
+    (the old one ``previous``); with auto-deploy it is ``approved`` and a rollout takes it to the
+    fleet, whose completion makes it production."""
     with ctx.sessions() as session:
         try:
-            registry.approve(session, version, who.subject)
+            mv = registry.approve(session, version, who.subject, promote_now=not ctx.settings.auto_deploy)
         except registry.RegistryError as exc:
             code = 404 if "does not exist" in str(exc) else 409
             raise HTTPException(code, str(exc)) from None
+        status = mv.status
         audit.record(session, who.subject, "model.approve", f"version:{version}", client_address(request),
                      reason=body.reason if body else "")
         session.commit()
-    if ctx.on_promoted is not None:
-        ctx.on_promoted(version)
-    return {"version": version, "status": "production"}
+    if ctx.on_approved is not None:
+        ctx.on_approved(version)
+    return {"version": version, "status": status}
 
 
-@router.post("/models/rollback", responses=_errors(409))
-def rollback_model(request: Request, body: RegistryActionRequest | None = None,
+@router.post("/models/rollback", responses=_errors(404, 409), response_model=FleetRollbackResult)
+def rollback_model(request: Request, body: FleetRollbackRequest | None = None,
                    ctx: ServerContext = Depends(get_context),
                    who: Principal = Depends(require(Role.OPERATOR))) -> dict:
-    """One call: ``previous`` becomes production again, the rolled-back version is marked so."""
+    """Roll the fleet back to a version (default: the production version before this one): the
+    registry's production moves (rolling back twice goes back twice), the rollout in the way is
+    rolled back, and every other device on another version gets a signed rollback command."""
+    from server.fleet_rollback import FleetRollbackError, roll_fleet_back
+
+    body = body or FleetRollbackRequest()
     with ctx.sessions() as session:
         try:
-            from_version, to_version = registry.rollback(session)
-        except registry.RegistryError as exc:
-            raise HTTPException(409, str(exc)) from None
-        audit.record(session, who.subject, "model.rollback", f"version:{from_version}", client_address(request),
-                     to_version=to_version, reason=body.reason if body else "")
-        session.commit()
-    return {"from_version": from_version, "to_version": to_version}
+            result = roll_fleet_back(session, ctx.store, ctx.bus, ctx.signing_key, to_version=body.version,
+                                     actor=who.subject, reason=body.reason, source=client_address(request),
+                                     presign_seconds=ctx.settings.presign_seconds)
+        except FleetRollbackError as exc:
+            raise HTTPException(404 if "does not exist" in str(exc) else 409, str(exc)) from None
+    if ctx.rollouts is not None and result["rollout_rolled_back"] is not None:
+        ctx.rollouts.nudge()
+    return result
+
+
+@router.get("/aliases/history", responses=_errors())
+def alias_history(limit: int = Query(100, ge=1, le=1000), ctx: ServerContext = Depends(get_context),
+                  _: Principal = Depends(require(Role.VIEWER))) -> list[dict]:
+    """Every move of the registry's aliases, newest first: who moved production where, and why."""
+    with ctx.sessions() as session:
+        rows = session.scalars(select(AliasChange).order_by(AliasChange.id.desc()).limit(limit)).all()
+        return [{"at": r.at, "alias": r.name, "version": r.version, "from_version": r.from_version,
+                 "actor": r.actor, "reason": r.reason} for r in rows]
 
 
 @router.get("/models/{version}/lineage", responses=_errors(404))

@@ -136,3 +136,63 @@ class RegistryActionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     reason: str = Field(default="", max_length=2000)
+
+
+class FleetRollbackRequest(RegistryActionRequest):
+    """Roll the fleet back to ``version`` (omitted: the production version before the current one)."""
+
+    version: DbId | None = None
+
+
+class FleetRollbackResult(BaseModel):
+    from_version: int | None = Field(description="production before the rollback")
+    to_version: int = Field(description="production now")
+    registry_moved: bool = Field(description="false when the version already was production")
+    rollout_rolled_back: int | None = Field(description="the rollout in the way, rolled back (its devices revert)")
+    commanded: list[str] = Field(description="devices sent a signed rollback command now")
+    reverted_by_rollout: list[str] = Field(description="devices the rolled-back rollout takes back")
+    left: list[str] = Field(description="devices busy in another rollout or reverting elsewhere first")
+    offline: list[str] = Field(description="commanded devices that are offline (their broker session keeps it)")
+
+
+class ResolveHaltRequest(BaseModel):
+    """Drop a halted batch's rejects and continue: a person's reason goes into the audit log."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=3, max_length=2000, description="why the rejects may be dropped (audit log)")
+
+
+class RejectedSample(BaseModel):
+    sample_id: str
+    device_id: str = Field(description="the device that collected it (empty if the sample row is gone)")
+    reason: str = Field(description="why the data contract rejected it")
+    status: str = Field(description="the sample's status now: validated (held by the halt), rejected (dropped), "
+                                    "missing, ...")
+
+
+class HaltResolution(BaseModel):
+    by: str
+    at: datetime
+    reason: str
+    dropped: int
+
+
+class JobRejects(BaseModel):
+    """The samples the data contract rejected in a job's batch, with the halt, if the batch halted."""
+
+    job_id: int
+    halted: bool = Field(description="the batch had too many rejects and halted the job")
+    halt_reason: str
+    resolved: HaltResolution | None = Field(description="who dropped the rejects and continued, when, why")
+    total: int
+    limit: int
+    offset: int
+    items: list[RejectedSample]
+
+
+class HaltResolved(BaseModel):
+    job_id: int = Field(description="the halted job")
+    dropped: int = Field(description="rejected samples dropped (status rejected)")
+    status: Literal["resolved"]
+    next_job_id: int = Field(description="the retrain queued to continue on the rest of the batch")
+    next_job_status: str

@@ -169,7 +169,7 @@ class ModelVersion(Base):
 
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
-    # production | candidate | rejected | archived
+    # production | approved (its rollout runs) | candidate | rejected | archived | rolled_back
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     parent_version: Mapped[int | None] = mapped_column(default=None)
@@ -199,6 +199,21 @@ class Alias(Base):
     name: Mapped[str] = mapped_column(String(32), primary_key=True)  # production | candidate | previous
     version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AliasChange(Base):
+    """One move of a registry alias (append-only): the registry's history, so a rollback knows
+    which version production was before, and before that."""
+
+    __tablename__ = "alias_history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    name: Mapped[str] = mapped_column(String(32), index=True)
+    version: Mapped[int | None] = mapped_column(default=None)  # None: the alias was cleared
+    from_version: Mapped[int | None] = mapped_column(default=None)
+    actor: Mapped[str] = mapped_column(String(128), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
 
 
 class Deployment(Base):

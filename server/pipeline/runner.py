@@ -143,7 +143,7 @@ class RetrainRunner:
         store,
         executor,
         publisher,
-        on_promoted: Callable[[int], None] | None = None,
+        on_approved: Callable[[int], None] | None = None,
         alerts=None,
     ) -> None:
         self._settings = settings
@@ -151,7 +151,7 @@ class RetrainRunner:
         self._store = store
         self._executor = executor
         self._publisher = publisher
-        self._on_promoted = on_promoted
+        self._on_approved = on_approved
         self._alerts = alerts
         self._data_gate = DataGate(settings, store, alerts)
         by_name = {s.name: s for s in STAGES}
@@ -605,11 +605,13 @@ class RetrainRunner:
                 mv.bundle_sha256, mv.bundle_size = job.outputs["bundle"]["sha256"], job.outputs["bundle"]["size"]
             session.flush()
             if automatic:
-                registry.approve(session, version, "policy:auto")
+                # With auto-deploy the rollout makes it production when it completes.
+                registry.approve(session, version, "policy:auto", promote_now=not s.auto_deploy)
                 audit.record(session, "policy:auto", "model.approve", f"version:{version}", "pipeline",
                              reason="gate passed; approval policy is automatic")
             elif passed:
-                registry.set_alias(session, registry.CANDIDATE, version)
+                registry.set_alias(session, registry.CANDIDATE, version, actor="pipeline",
+                                   reason=f"job {job.id} passed its gate")
             outcome = "succeeded" if passed else "rejected"
             row.status, row.candidate_version = outcome, version
             row.result = {**(row.result or {}), "gate": gate, "metrics": result["metrics"]}
@@ -634,8 +636,10 @@ class RetrainRunner:
             if not commit["automatic"]:
                 self._log(job.id, f"registered version {version} as candidate, awaiting an operator's approval")
                 return
-            self._log(job.id, f"registered version {version} as production")
-            if self._on_promoted is not None:
-                self._on_promoted(version)
+            self._log(job.id, f"registered version {version} as "
+                              + ("approved; it becomes production when its rollout completes"
+                                 if self._settings.auto_deploy else "production"))
+            if self._on_approved is not None:
+                self._on_approved(version)
         except Exception:
             log.exception("retrain.after_commit_failed", job=job.id, version=version)

@@ -88,11 +88,12 @@ def create_rollout(session: Session, body: RolloutCreate, policy, *, actor: str,
 
 
 def create_auto_rollout(session: Session, version: int, settings, *, actor: str) -> Rollout:
-    """What auto_deploy does when a version becomes production: the policy's auto waves, the
-    legacy ``shadow_frames`` as the frames gate; an older version's active rollout is aborted."""
+    """What auto_deploy does when a version is approved: the policy's auto waves, the legacy
+    ``shadow_frames`` as the frames gate; an older version's active rollout is aborted. Its
+    completion makes the version production."""
     policy = settings.rollouts
     body = RolloutCreate(version=version, waves=policy.auto_waves, gates={"min_frames": settings.shadow_frames},
-                         reason=f"version {version} became production")
+                         reason=f"version {version} was approved")
     return create_rollout(session, body, policy, actor=actor, supersede=True)
 
 

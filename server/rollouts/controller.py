@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from protocol import Channel, decode_message, device_topic, encode_message
 from protocol.alerts import AlertKind, Severity
 from protocol.messages import AbortCommand, PromoteCommand, ShadowReport, StatusMessage, UpdateEvent
-from server import audit, metrics
+from server import audit, metrics, registry
 from server.db.models import (
     Deployment,
     Device,
@@ -343,6 +343,22 @@ class _Step:
             r.reason = reason[:4000]
         if state in plan.FINISHED and r.finished_at is None:
             r.finished_at = self.now
+        if state == plan.SUCCEEDED:
+            self._make_production()
+
+    def _make_production(self) -> None:
+        """A rollout that took a version to the whole fleet makes it production: production is what
+        the fleet is meant to run (a rollout to some groups or devices leaves it as it is)."""
+        r = self.rollout
+        if Selector.model_validate(r.selector) != Selector():
+            return
+        mv = self.session.get(ModelVersion, r.version)
+        if mv is None or mv.status in ("rejected", "rolled_back"):
+            return
+        if registry.promote(self.session, r.version, actor=ACTOR, reason=f"rollout {r.id} completed"):
+            audit.record(self.session, ACTOR, "model.promote", f"version:{r.version}", "rollout",
+                         reason=f"rollout {r.id} reached the whole fleet", owner=self.c.owner)
+            log.info("rollout.production", rollout=r.id, version=r.version)
 
     def _wave_devices(self, position: int) -> list[RolloutDevice]:
         return [d for d in self.devices if d.wave == position]

@@ -55,19 +55,43 @@ def test_rollback_is_one_operator_call_audited_and_refused_for_viewers(api):
     response = api.post("/api/v1/models/rollback", json={"reason": "line 3 regressions"},
                         headers=_as(api, Role.OPERATOR))
     assert response.status_code == 200, response.text
-    assert response.json() == {"from_version": 2, "to_version": 1}
+    body = response.json()
+    assert (body["from_version"], body["to_version"], body["registry_moved"]) == (2, 1, True)
+    assert body["commanded"] == [] and body["rollout_rolled_back"] is None  # no devices enrolled here
     models = {m["version"]: m for m in api.get("/api/v1/models", headers=_as(api, Role.VIEWER)).json()["items"]}
     assert models[1]["aliases"] == ["production"] and models[2]["status"] == "rolled_back"
     again = api.post("/api/v1/models/rollback", headers=_as(api, Role.OPERATOR))
-    assert again.status_code == 409 and "no previous" in again.json()["detail"]
+    assert again.status_code == 409 and "no earlier production version" in again.json()["detail"]
+    to_rolled_back = api.post("/api/v1/models/rollback", json={"version": 2}, headers=_as(api, Role.OPERATOR))
+    assert to_rolled_back.status_code == 409 and "rolled_back" in to_rolled_back.json()["detail"]
+    assert api.post("/api/v1/models/rollback", json={"version": 99},
+                    headers=_as(api, Role.OPERATOR)).status_code == 404
     with api.ctx.sessions() as session:
-        entry = session.query(AuditEntry).filter_by(action="model.rollback").one()
-        assert entry.actor == "operator-user" and entry.detail == {"to_version": 1, "reason": "line 3 regressions"}
+        entry = session.query(AuditEntry).filter_by(action="fleet.rollback").one()
+        assert entry.actor == "operator-user" and entry.detail["reason"] == "line 3 regressions"
+        assert entry.detail["from_version"] == 2
     assert api.get("/api/v1/audit", headers=_as(api, Role.VIEWER)).status_code == 403
-    log = api.get("/api/v1/audit", params={"action": "model.rollback"}, headers=_as(api, Role.OPERATOR)).json()
-    assert log["total"] == 1 and log["items"][0]["target"] == "version:2"
+    log = api.get("/api/v1/audit", params={"action": "fleet.rollback"}, headers=_as(api, Role.OPERATOR)).json()
+    assert log["total"] == 1 and log["items"][0]["target"] == "version:1"
     actions = [e["action"] for e in api.get("/api/v1/audit", headers=_as(api, Role.OPERATOR)).json()["items"]]
-    assert actions == ["model.rollback", "model.register", "model.register"]
+    assert actions == ["fleet.rollback", "model.register", "model.register"]
+    history = api.get("/api/v1/aliases/history", headers=_as(api, Role.VIEWER)).json()
+    production = [(h["version"], h["from_version"]) for h in history if h["alias"] == "production"]
+    assert production == [(1, 2), (2, 1), (1, None)]  # newest first: the rollback, v2's approval, v1's
+    assert history[0]["actor"] == "operator-user"
+
+
+def test_rolling_back_twice_goes_back_twice(api, tmp_path, tiny_onnx):
+    work = tmp_path / "v3"
+    work.mkdir()
+    api.ctx.publisher.register_external(pt=tmp_path / "w.pt", onnx=tiny_onnx("m3.onnx"), imgsz=32, metrics={},
+                                        hyperparameters={}, actor="seed", source="", work_dir=work)
+    first = api.post("/api/v1/models/rollback", headers=_as(api, Role.OPERATOR)).json()
+    second = api.post("/api/v1/models/rollback", headers=_as(api, Role.OPERATOR)).json()
+    assert (first["from_version"], first["to_version"]) == (3, 2)
+    assert (second["from_version"], second["to_version"]) == (2, 1)
+    statuses = {m["version"]: m["status"] for m in api.get("/api/v1/models", headers=_as(api, Role.VIEWER)).json()["items"]}
+    assert statuses == {1: "production", 2: "rolled_back", 3: "rolled_back"}
 
 
 def test_approval_of_a_candidate_by_an_operator(api):
