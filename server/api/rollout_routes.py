@@ -109,6 +109,25 @@ class WaveInfo(BaseModel):
     devices: list[RolloutDeviceInfo] | None = Field(None, description="only on GET /rollouts/{id}")
 
 
+class OfflineCheck(BaseModel):
+    name: str = Field(description="golden, new_data, or a device's or class's recall slice")
+    metric: str = Field(description="map50_95 or recall")
+    candidate: float
+    production: float
+    threshold: float
+    passed: bool
+
+
+class OfflineEvidence(BaseModel):
+    """What the version's offline gate measured before any device saw it: the golden set, the
+    new-data split and the per-device and per-class recall slices, against its parent version."""
+
+    parent_version: int | None
+    passed: bool | None = Field(description="None: no gate ran (a registered external model)")
+    reasons: list[str]
+    checks: list[OfflineCheck]
+
+
 class RolloutInfo(BaseModel):
     id: int
     version: int
@@ -126,6 +145,7 @@ class RolloutInfo(BaseModel):
     settled: bool = Field(description="a finished rollout whose devices are where it left them")
     current_wave: int
     reason: str
+    offline_evidence: OfflineEvidence | None = Field(description="the version's offline gate, beside the waves")
     waves: list[WaveInfo]
 
 

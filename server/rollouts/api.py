@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from server import audit, registry
 from server.api.schemas import DB_ID_MAX
-from server.db.models import Device, Rollout, RolloutDevice, RolloutWave, utcnow
+from server.db.models import Device, ModelVersion, Rollout, RolloutDevice, RolloutWave, utcnow
 from server.deploy import DeployError, deployable
 from server.rollouts import plan
 from server.rollouts.evidence import shadow_totals, wave_verdict
@@ -182,8 +182,32 @@ def rollout_dict(session: Session, rollout: Rollout, *, devices: bool = True, no
         "selector": rollout.selector, "gates": rollout.gates, "shadow_frames": rollout.shadow_frames,
         "created_by": rollout.created_by, "created_at": rollout.created_at, "updated_at": rollout.updated_at,
         "finished_at": rollout.finished_at, "settled": rollout.settled, "current_wave": rollout.current_wave,
-        "reason": rollout.reason, "waves": out_waves,
+        "reason": rollout.reason, "offline_evidence": offline_evidence(session.get(ModelVersion, rollout.version)),
+        "waves": out_waves,
     }
+
+
+_OFFLINE_SLICES = (("golden_class_recall", "golden class {}"), ("device_recall", "device {}"))
+
+
+def offline_evidence(mv: ModelVersion | None) -> dict | None:
+    """The version's offline gate as a flat list of checks, shown beside the online evidence (a
+    wave fails only on significant online evidence, never on less than the offline gate had)."""
+    if mv is None:
+        return None
+    gate = mv.gate or {}
+    checks = []
+    for key, name in (("golden_map50_95", "golden"), ("new_data_map50_95", "new_data")):
+        c = (gate.get("checks") or {}).get(key)
+        if c:
+            checks.append({"name": name, "metric": "map50_95", "candidate": c["candidate"],
+                           "production": c["production"], "threshold": c["threshold"], "passed": c["passed"]})
+    for key, label in _OFFLINE_SLICES:
+        for part, c in sorted(((gate.get("checks") or {}).get(key) or {}).items()):
+            checks.append({"name": label.format(part), "metric": "recall", "candidate": c["candidate"],
+                           "production": c["production"], "threshold": c["threshold"], "passed": c["passed"]})
+    return {"parent_version": mv.parent_version, "passed": gate.get("passed"), "reasons": list(gate.get("reasons") or []),
+            "checks": checks}
 
 
 def list_rollouts(session: Session, *, state: str | None = None, limit: int = 20, offset: int = 0) -> dict:
