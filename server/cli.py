@@ -21,6 +21,9 @@ app.add_typer(models_app, name="models")
 rollout_app = typer.Typer(help="Roll a model version out in gated waves; watch, pause, resume, abort, roll back.",
                           no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
+jobs_app = typer.Typer(help="Retrain jobs: a halted batch's rejects, and dropping them to continue.",
+                       no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 console = Console()
 
 API_URL = typer.Option(os.environ.get("EDGELOOP_API_URL", "http://127.0.0.1:8000"), "--api-url",
@@ -515,3 +518,37 @@ def rollout_abort(rollout_id: int, reason: str = _REASON, api_url: str = API_URL
 def rollout_rollback(rollout_id: int, reason: str = _REASON, api_url: str = API_URL, token: str = TOKEN) -> None:
     """Every device of the rollout back to the version it ran before (operator role)."""
     _rollout_action("rollback", rollout_id, reason, api_url, token)
+
+
+@jobs_app.command("rejects")
+def jobs_rejects(job_id: int, limit: int = typer.Option(100, min=1, max=1000), offset: int = typer.Option(0, min=0),
+                 as_json: bool = typer.Option(False, "--json", help="The raw JSON."),
+                 api_url: str = API_URL, token: str = TOKEN) -> None:
+    """The samples the data contract rejected in a job's batch: sample, device, reason (viewer role)."""
+    data = _call(api_url, token, "GET", f"/api/v1/jobs/{job_id}/rejects", params={"limit": limit, "offset": offset})
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        return
+    if data["halted"]:
+        resolved = data.get("resolved")
+        state = (f"resolved by {resolved['by']}: {resolved['dropped']} dropped ({resolved['reason']})" if resolved
+                 else f"unresolved: `edgeloop jobs resolve-halt {job_id} --reason ...` drops them and continues")
+        console.print(f"job #{job_id} halted: {data['halt_reason']}; {state}", highlight=False)
+    table = Table("sample", "device", "status", "reason")
+    for r in data["items"]:
+        table.add_row(r["sample_id"], r["device_id"] or "–", r["status"], r["reason"])
+    console.print(table)
+    shown = offset + len(data["items"])
+    console.print(f"{offset + 1 if data['items'] else 0}-{shown} of {data['total']} rejects"
+                  + (": --offset for more" if data["total"] > shown else ""), highlight=False)
+
+
+@jobs_app.command("resolve-halt")
+def jobs_resolve_halt(job_id: int,
+                      reason: str = typer.Option(..., "--reason", "-r", help="Why the rejects may be dropped "
+                                                                                  "(audit log; 3-2000 characters)."),
+                      api_url: str = API_URL, token: str = TOKEN) -> None:
+    """Drop the rejects of a batch the data contract halted and queue the retrain that continues it (operator)."""
+    r = _call(api_url, token, "POST", f"/api/v1/jobs/{job_id}/resolve-halt", json={"reason": reason})
+    console.print(f"job #{r['job_id']}: halt resolved, {r['dropped']} rejected samples dropped; "
+                  f"job #{r['next_job_id']} {r['next_job_status']} continues", highlight=False)

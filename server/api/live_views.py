@@ -149,10 +149,16 @@ def data_view(session: Session, settings: ServerSettings) -> dict[str, Any]:
 
 
 def pipeline_view(session: Session, settings: ServerSettings) -> dict[str, Any]:
-    """Each recent retrain job's stages with timings, progress, log tail and outcome."""
+    """Each recent retrain job's stages with timings, progress, log tail and outcome; and the batch the
+    data contract halted, while nobody has resolved it, with its rejects (the first 200; the paged
+    GET /api/v1/jobs/{id}/rejects has the rest): dropping them continues the loop."""
+    from server.pipeline.data_gate import batch_rejects
+    from server.pipeline.trigger import halted_job
+
     rows = session.scalars(select(TrainingJob).order_by(TrainingJob.id.desc()).limit(MAX_JOBS)).all()
     counts = dict(session.execute(select(TrainingJob.status, func.count()).group_by(TrainingJob.status)).all())
-    return {"by_status": counts, "jobs": [{
+    halted = halted_job(session)
+    return {"by_status": counts, "halted": batch_rejects(session, halted, limit=200) if halted else None, "jobs": [{
         "id": j.id, "trigger": j.trigger, "reason": j.reason, "requested_by": j.requested_by, "status": j.status,
         "stage": j.stage, "stages": j.stages or {}, "progress": j.progress or {}, "coalesced": j.coalesced,
         "snapshot_id": j.snapshot_id, "candidate_version": j.candidate_version, "created_at": _iso(j.created_at),

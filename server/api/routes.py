@@ -12,14 +12,23 @@ from sqlalchemy import func, select
 from protocol.api import API_PREFIX
 from server import audit, registry
 from server.api.deps import client_address, get_context, json_form_field, require
-from server.api.schemas import DbId, DeployRequest, Offset, RetrainRequest
+from server.api.schemas import (
+    DbId,
+    DeployRequest,
+    ErrorResponse,
+    HaltResolved,
+    JobRejects,
+    Offset,
+    ResolveHaltRequest,
+    RetrainRequest,
+)
 from server.auth import Principal, Role
 from server.context import ServerContext
 from server.db.models import AlertRecord, Deployment, Device, ModelVersion, Sample, TrainingJob
 from server.deploy import DeployError, deploy_version
 from server.fleet import device_dict
 from server.ingest import pending_labeled_samples
-from server.pipeline.data_gate import quarantined_devices
+from server.pipeline.data_gate import HaltError, batch_rejects, quarantined_devices
 
 router = APIRouter(prefix=API_PREFIX)
 
@@ -158,6 +167,38 @@ def get_job(job_id: DbId, ctx: ServerContext = Depends(get_context),
         if job is None:
             raise HTTPException(404, f"job {job_id} does not exist")
         return _job_dict(job)
+
+
+_JOB_NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such job"}}
+
+
+@router.get("/jobs/{job_id}/rejects", response_model=JobRejects, responses=_JOB_NOT_FOUND)
+def get_job_rejects(job_id: DbId, ctx: ServerContext = Depends(get_context),
+                    _: Principal = Depends(require(Role.VIEWER)),
+                    limit: int = Query(100, ge=1, le=1000), offset: Offset = 0) -> JobRejects:
+    """The samples the data contract rejected in a job's batch (device, reason, status now), and its halt."""
+    with ctx.sessions() as session:
+        job = session.get(TrainingJob, job_id)
+        if job is None:
+            raise HTTPException(404, f"job {job_id} does not exist")
+        return JobRejects(**batch_rejects(session, job, limit, offset), limit=limit, offset=offset)
+
+
+@router.post("/jobs/{job_id}/resolve-halt", response_model=HaltResolved, responses={
+    **_JOB_NOT_FOUND, 409: {"model": ErrorResponse, "description": "the job did not halt, or its halt was resolved"}})
+def resolve_job_halt(job_id: DbId, body: ResolveHaltRequest, request: Request,
+                     ctx: ServerContext = Depends(get_context),
+                     who: Principal = Depends(require(Role.OPERATOR))) -> HaltResolved:
+    """Drop the rejects of a batch the data contract halted and queue the retrain that continues it (audited)."""
+    with ctx.sessions() as session:
+        if session.get(TrainingJob, job_id) is None:
+            raise HTTPException(404, f"job {job_id} does not exist")
+    try:
+        dropped, queued = ctx.scheduler.resolve_halt(job_id, who.subject, body.reason, client_address(request))
+    except HaltError as exc:
+        raise HTTPException(409, str(exc)) from None
+    return HaltResolved(job_id=job_id, dropped=dropped, status="resolved", next_job_id=queued.id,
+                        next_job_status=queued.status)
 
 
 @router.get("/samples")

@@ -184,3 +184,24 @@ def resolve_halt(session: Session, job_id: int, actor: str, reason: str, source:
                  dropped=len(dropped), halt_reason=halted.get("reason", ""))
     log.info("data_gate.halt_resolved", job=job_id, actor=actor, dropped=len(dropped))
     return len(dropped)
+
+
+def batch_rejects(session: Session, job: TrainingJob, limit: int | None = None, offset: int = 0) -> dict:
+    """The samples the data contract rejected in ``job``'s batch, in batch order, each with its
+    device, the contract's reason and the sample's status now. For a halted batch these are the
+    ones :func:`resolve_halt` drops (``validated`` until then); for a batch that went on, the
+    contract's rejects (already ``rejected``). The API, the CLI and the dashboard show this."""
+    result = job.result or {}
+    halted = result.get("halted") or None
+    contract = (result.get("data") or {}).get("contract") or {}
+    rejected: dict[str, str] = (halted or {}).get("rejected") or contract.get("rejected") or {}
+    ids = list(rejected)
+    page = ids[offset:] if limit is None else ids[offset:offset + limit]
+    rows = {s.id: s for s in session.scalars(select(Sample).where(Sample.id.in_(page)))} if page else {}
+    return {
+        "job_id": job.id, "halted": bool(halted), "halt_reason": (halted or {}).get("reason", ""),
+        "resolved": (halted or {}).get("resolved"), "total": len(ids),
+        "items": [{"sample_id": sid, "device_id": rows[sid].device_id if sid in rows else "",
+                   "reason": rejected[sid], "status": rows[sid].status if sid in rows else "missing"}
+                  for sid in page],
+    }

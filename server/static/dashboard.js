@@ -90,6 +90,10 @@
       title: (d) => `Release device ${d} from quarantine?`,
       text: "Its held samples become validated and can go into the next training snapshot.",
       path: (d) => `/api/v1/devices/${encodeURIComponent(d)}/quarantine/release` },
+    "job.resolve-halt": { role: "operator", label: "Drop rejects and continue", danger: true, minReason: 3,
+      title: (id) => `Drop the rejects of halted job #${id} and continue?`,
+      text: "The samples the data contract rejected in this batch are marked rejected (audited) and a retrain is queued on the rest.",
+      path: (id) => `/api/v1/jobs/${encodeURIComponent(id)}/resolve-halt` },
   };
   const button = (action, id, label) => {
     const a = ACTIONS[action];
@@ -537,7 +541,12 @@
     if (!p) return;
     setHTML($("pipeline-actions"), button("retrain", ""));
     setHTML($("pipeline-counts"), Object.entries(p.by_status).map(([k, n]) => `${esc(k)} ${n}`).join(" · "));
-    const html = p.jobs.map((j) => {
+    const h = p.halted;
+    const halt = h ? `<div class="card halted" data-halted-job="${esc(h.job_id)}"><div class="toolbar"><h3>Job #${esc(h.job_id)}: batch halted</h3>${chip("halted", "bad")}${button("job.resolve-halt", h.job_id)}</div>
+        <p class="bad">${esc(h.halt_reason)}</p><p class="muted">No threshold retrain starts until its rejects are dropped.</p>
+        <table class="dense"><thead><tr><th>sample</th><th>device</th><th>reason</th></tr></thead><tbody>${h.items.map((r) => `<tr><td><code>${esc(r.sample_id)}</code></td><td>${esc(r.device_id || "–")}</td><td>${esc(r.reason)}</td></tr>`).join("") || empty("no rejects recorded", 3)}</tbody></table>
+        ${h.total > h.items.length ? `<p class="muted">${h.items.length} of ${esc(h.total)} rejects shown: GET /api/v1/jobs/${esc(h.job_id)}/rejects has them all</p>` : ""}</div>` : "";
+    const html = halt + (p.jobs.map((j) => {
       const stages = Object.entries(j.stages || {});
       const total = stages.reduce((a, [, s]) => a + (Number(s) || 0), 0) || 1;
       const stageRows = stages.map(([name, s]) => `<tr><td>${esc(name)}</td><td class="num">${dur(s)}</td><td><meter class="stage" min="0" max="${total}" value="${Number(s) || 0}"></meter></td></tr>`).join("");
@@ -548,7 +557,7 @@
       const gateR = res.gate ? `gate ${chip(res.gate.passed ? "passed" : "failed")} ${(res.gate.reasons || []).map((x) => `<small>${esc(x)}</small>`).join("; ")}` : "";
       const outcome = [j.candidate_version ? `candidate <b>v${esc(j.candidate_version)}</b>` : "", gateR,
         res.error ? `<span class="bad">${esc(res.error)}</span>` : "",
-        res.data && res.data.halted ? `<span class="bad">data halted: ${esc((res.data.reasons || []).join("; "))}</span>` : ""].filter(Boolean).join(" · ");
+        res.halted ? `<span class="bad">data halted${res.halted.resolved ? ` (resolved by ${esc(res.halted.resolved.by)}: ${esc(res.halted.resolved.dropped)} dropped)` : ""}</span>` : ""].filter(Boolean).join(" · ");
       const elapsed = j.started_at ? ((j.finished_at ? new Date(j.finished_at) : new Date()) - new Date(j.started_at)) / 1000 : null;
       const key = `log-${j.id}`;
       return `<div class="card" data-job="${j.id}"><div class="toolbar"><h3>Job #${esc(j.id)}</h3>${chip(j.status)}<small class="muted">${esc(j.trigger)} · ${esc(j.requested_by || "–")} · ${ts(j.created_at)}${elapsed !== null ? (j.finished_at ? " · took " : " · running for ") + dur(elapsed) : ""}${j.coalesced ? ` · ${esc(j.coalesced)} requests coalesced` : ""}</small></div>
@@ -556,7 +565,7 @@
         ${stageRows ? `<table class="dense"><thead><tr><th>stage</th><th class="num">time</th><th>share</th></tr></thead><tbody>${stageRows}</tbody></table>` : ""}
         ${outcome ? `<p>${outcome}</p>` : ""}
         <details data-open-key="${key}"${S.open.has(key) ? " open" : ""}><summary>log</summary><pre class="log">${esc(j.log || "(empty)")}</pre></details></div>`;
-    }).join("") || `<div class="card">${empty("no retrain jobs yet")}</div>`;
+    }).join("") || `<div class="card">${empty("no retrain jobs yet")}</div>`);
     setHTML($("jobs"), html);
   }
   function renderJobsChart() {
