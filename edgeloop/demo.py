@@ -248,9 +248,9 @@ def _run_loop(config, knobs, workdir, stack, seed, golden_set, shifted_set, fram
         return api.get("/api/v1/devices").json()["items"]
 
     _wait("every agent to come online", lambda: all(d["online"] for d in devices()), 120, procs)
-    _raise_for(api.post("/api/v1/deployments", json={"version": before_version, "mode": "direct"}),
-               "installing the seed model")
-    _wait("every agent to run the seed model",
+    # No deploy call: the server installs production on every device that enrolls without it
+    # (fleet convergence, on with auto-deploy).
+    _wait("the server to install the seed model on every agent",
           lambda: all(d["active_version"] == before_version for d in devices()), 300, procs)
     stage("agents", t0)
 
@@ -304,6 +304,8 @@ def _run_loop(config, knobs, workdir, stack, seed, golden_set, shifted_set, fram
     stage("rollout", t0)
 
     rollout = _rollout_summary(api, after_version)
+    production = next((m["version"] for m in api.get("/api/v1/models").json()["items"]
+                       if "production" in m.get("aliases", [])), None)
     metrics = job["result"]["metrics"]
     before, after = _metrics_pair(metrics["production"]), _metrics_pair(metrics["candidate"])
     final_devices = devices()
@@ -326,6 +328,7 @@ def _run_loop(config, knobs, workdir, stack, seed, golden_set, shifted_set, fram
         },
         "shadow": {d["device_id"]: d["shadow"] for d in deployments if d["version"] == after_version},
         "rollout": rollout,
+        "production": production,  # the registry's production once the rollout completed
         "stages": {**stages, **{f"retrain.{k}": v for k, v in job["stages"].items()}},
         "total_seconds": round(time.monotonic() - t_start, 2),
         "logs": str(workdir / "logs"),

@@ -311,18 +311,47 @@ def models_show(version: int, api_url: str = API_URL, token: str = TOKEN) -> Non
 @models_app.command("approve")
 def models_approve(version: int, reason: str = typer.Option("", help="Why, for the audit log."),
                    api_url: str = API_URL, token: str = TOKEN) -> None:
-    """Approve a candidate that passed its gate: it becomes production (operator)."""
-    _call(api_url, token, "POST", f"/api/v1/models/{version}/approve", json={"reason": reason})
-    console.print(f"version {version} approved: now production")
+    """Approve a candidate that passed its gate (operator): production at once, or with auto-deploy
+    when its rollout completes."""
+    result = _call(api_url, token, "POST", f"/api/v1/models/{version}/approve", json={"reason": reason})
+    if result.get("status") == "production":
+        console.print(f"version {version} approved: now production")
+    else:
+        console.print(f"version {version} approved: it becomes production when its rollout completes")
 
 
 @models_app.command("rollback")
-def models_rollback(reason: str = typer.Option("", help="Why, for the audit log."),
+def models_rollback(to: int | None = typer.Option(None, "--to", min=1, help="The version to go back to "
+                                                   "(default: the production version before this one)."),
+                    reason: str = typer.Option("", help="Why, for the audit log."),
                     api_url: str = API_URL, token: str = TOKEN) -> None:
-    """Make the previous production version production again, in one call (operator)."""
-    result = _call(api_url, token, "POST", "/api/v1/models/rollback", json={"reason": reason})
-    console.print(f"rolled back: version {result['to_version']} is production again "
-                  f"(version {result['from_version']} marked rolled_back)")
+    """Roll the fleet back to a version, in one call (operator): production moves, the rollout in
+    the way is rolled back, every other device gets a signed rollback command."""
+    body: dict = {"reason": reason} | ({"version": to} if to is not None else {})
+    result = _call(api_url, token, "POST", "/api/v1/models/rollback", json=body)
+    if result["registry_moved"]:
+        console.print(f"rolled back: version {result['to_version']} is production again "
+                      f"(version {result['from_version']} marked rolled_back)")
+    else:
+        console.print(f"version {result['to_version']} stays production")
+    if result["rollout_rolled_back"] is not None:
+        console.print(f"rollout {result['rollout_rolled_back']} rolled back: "
+                      f"{len(result['reverted_by_rollout'])} device(s) revert with it")
+    console.print(f"{len(result['commanded'])} device(s) sent a signed rollback command"
+                  + (f", {len(result['offline'])} of them offline (they get it when back)" if result["offline"] else ""))
+    if result["left"]:
+        console.print(f"{len(result['left'])} device(s) busy elsewhere: {', '.join(result['left'])}")
+
+
+@models_app.command("history")
+def models_history(limit: int = typer.Option(50, min=1, max=1000), api_url: str = API_URL,
+                   token: str = TOKEN) -> None:
+    """Every move of the registry's aliases, newest first."""
+    table = Table("at", "alias", "version", "from", "by", "reason")
+    for row in _call(api_url, token, "GET", "/api/v1/aliases/history", params={"limit": limit})["items"]:
+        table.add_row(str(row["at"])[:19], row["alias"], str(row["version"] or "-"),
+                      str(row["from_version"] or "-"), row["actor"], row["reason"])
+    console.print(table)
 
 
 @models_app.command("lineage")

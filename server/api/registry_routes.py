@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import datetime
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
 from protocol.api import API_PREFIX
@@ -16,6 +18,7 @@ from server.api.schemas import (
     FleetRollbackRequest,
     FleetRollbackResult,
     Offset,
+    Page,
     RegistryActionRequest,
 )
 from server.auth import Principal, Role
@@ -80,14 +83,30 @@ def rollback_model(request: Request, body: FleetRollbackRequest | None = None,
     return result
 
 
-@router.get("/aliases/history", responses=_errors())
-def alias_history(limit: int = Query(100, ge=1, le=1000), ctx: ServerContext = Depends(get_context),
-                  _: Principal = Depends(require(Role.VIEWER))) -> list[dict]:
+class AliasMove(BaseModel):
+    at: datetime
+    alias: str = Field(description="production, previous or candidate")
+    version: int | None = Field(description="where it points now (None: cleared)")
+    from_version: int | None
+    actor: str
+    reason: str
+
+
+@router.get("/aliases/history", responses=_errors(), response_model=Page[AliasMove])
+def alias_history(limit: int = Query(100, ge=1, le=1000), offset: Offset = 0,
+                  alias: str | None = Query(None, max_length=32, description="only this alias"),
+                  ctx: ServerContext = Depends(get_context),
+                  _: Principal = Depends(require(Role.VIEWER))) -> dict:
     """Every move of the registry's aliases, newest first: who moved production where, and why."""
+    query = select(AliasChange)
+    if alias:
+        query = query.where(AliasChange.name == alias)
     with ctx.sessions() as session:
-        rows = session.scalars(select(AliasChange).order_by(AliasChange.id.desc()).limit(limit)).all()
-        return [{"at": r.at, "alias": r.name, "version": r.version, "from_version": r.from_version,
-                 "actor": r.actor, "reason": r.reason} for r in rows]
+        total = session.scalar(select(func.count()).select_from(query.subquery()))
+        rows = session.scalars(query.order_by(AliasChange.id.desc()).limit(limit).offset(offset)).all()
+        items = [{"at": r.at, "alias": r.name, "version": r.version, "from_version": r.from_version,
+                  "actor": r.actor, "reason": r.reason} for r in rows]
+    return {"total": total, "limit": limit, "offset": offset, "items": items}
 
 
 @router.get("/models/{version}/lineage", responses=_errors(404))

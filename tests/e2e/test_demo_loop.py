@@ -73,3 +73,8 @@ def test_each_wave_was_decided_by_the_evidence_rule(report):
         evidence = wave["evidence"]
         assert evidence["decision"] == "pass" and evidence["test"] in {"superiority", "non-inferiority"}, wave
         assert evidence["known"] >= 20  # the first look, not a handful of frames
+
+
+def test_the_retrained_model_became_production_when_its_rollout_completed(report):
+    # Production is what the fleet runs: the completed rollout moved it, not the approval.
+    assert report["production"] == report["models"]["after"]["version"]

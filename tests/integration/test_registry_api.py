@@ -75,10 +75,11 @@ def test_rollback_is_one_operator_call_audited_and_refused_for_viewers(api):
     assert log["total"] == 1 and log["items"][0]["target"] == "version:1"
     actions = [e["action"] for e in api.get("/api/v1/audit", headers=_as(api, Role.OPERATOR)).json()["items"]]
     assert actions == ["fleet.rollback", "model.register", "model.register"]
-    history = api.get("/api/v1/aliases/history", headers=_as(api, Role.VIEWER)).json()
-    production = [(h["version"], h["from_version"]) for h in history if h["alias"] == "production"]
+    history = api.get("/api/v1/aliases/history", params={"alias": "production"},
+                      headers=_as(api, Role.VIEWER)).json()
+    production = [(h["version"], h["from_version"]) for h in history["items"]]
     assert production == [(1, 2), (2, 1), (1, None)]  # newest first: the rollback, v2's approval, v1's
-    assert history[0]["actor"] == "operator-user"
+    assert history["total"] == 3 and history["items"][0]["actor"] == "operator-user"
 
 
 def test_rolling_back_twice_goes_back_twice(api, tmp_path, tiny_onnx):
