@@ -91,8 +91,11 @@ def roll_fleet_back(session: Session, store, bus, signing_key, *, to_version: in
             act(session, rollout.id, "rollback", actor=actor, source=source, reason=text)
             reverted = rollout.id
             abandoned = session.get(ModelVersion, rollout.version)
-            if abandoned is not None and abandoned.status == registry.APPROVED:
-                abandoned.status = "rolled_back"
+            if abandoned is not None and abandoned.status in (registry.APPROVED, registry.CANDIDATE):
+                abandoned.status = "rolled_back"  # the operator judged it: no later approval of it
+                candidate = registry.alias_version(session, registry.CANDIDATE)
+                if candidate is not None and candidate.version == abandoned.version:
+                    registry.clear_alias(session, registry.CANDIDATE, actor=actor, reason=text)
         except RolloutError:  # it finished meanwhile: its devices are handled as any other
             session.rollback()
     owners = dict(session.execute(select(RolloutDevice.device_id, RolloutDevice.rollout_id).join(

@@ -96,7 +96,15 @@ def models_view(session: Session, settings: ServerSettings) -> dict[str, Any]:
     by_alias = {name: version for version, names in aliases.items() for name in names}
     running = Counter(v for (v,) in session.execute(
         select(Device.active_version).where(Device.revoked.is_(False), Device.active_version.is_not(None))))
-    return {"production_version": prod.version if prod else None, "aliases": by_alias,
+    rolling_out = None
+    parts = _rollout_parts()
+    if parts is not None:  # a version on its way out, not production yet: what a fleet rollback stops
+        rollout = parts[0]
+        rolling_out = session.scalar(select(rollout.version).where(rollout.state.in_(ACTIVE_ROLLOUT_STATES))
+                                     .order_by(rollout.id.desc()).limit(1))
+        if prod is not None and rolling_out == prod.version:
+            rolling_out = None
+    return {"production_version": prod.version if prod else None, "aliases": by_alias, "rolling_out": rolling_out,
             "class_names": list(settings.class_names), "devices_running": {str(k): n for k, n in running.items()},
             "items": [_model_item(m, aliases) for m in rows]}
 

@@ -79,10 +79,14 @@
       text: "Every device it switched returns to its previous model.", path: (id) => `/api/v1/rollouts/${id}/rollback` },
     "model.approve": { role: "operator", label: "Approve for production", title: (v) => `Approve v${v} for production?`,
       text: "It becomes the production model; the current one becomes 'previous'.", path: (v) => `/api/v1/models/${v}/approve` },
-    "model.rollback": { role: "operator", label: "Roll back production", danger: true,
-      title: () => "Roll production back to the previous version?",
-      text: "'previous' becomes production again; the current version is marked rolled back.",
+    "model.rollback": { role: "operator", label: "Roll the fleet back", danger: true,
+      title: () => "Roll the fleet back?",
+      text: "A rollout under way is rolled back and its version marked rolled back (production stays); with none, the previous production version becomes production again. Every device on another version gets a signed rollback command.",
       path: () => "/api/v1/models/rollback" },
+    "model.rollback_to": { role: "operator", label: "Roll the fleet back here", danger: true,
+      title: (v) => `Roll the fleet back to v${v}?`,
+      text: "It becomes production; the versions after it are marked rolled back, the rollout in the way is rolled back and every device on another version gets a signed rollback command.",
+      path: () => "/api/v1/models/rollback", body: (v, reason) => ({ version: Number(v), reason }) },
     "retrain": { role: "engineer", label: "Retrain now", title: () => "Start a retrain now?", minReason: 3,
       text: "Queues a retrain job on the samples collected so far (coalesced with one already queued).",
       path: () => "/api/v1/retrain" },
@@ -130,7 +134,7 @@
     if (reason === null) return;
     btn.disabled = true;
     try {
-      await api("POST", a.path(id), { reason });
+      await api("POST", a.path(id), a.body ? a.body(id, reason) : { reason });
       toast(`${a.label}: done${id ? " (" + id + ")" : ""}`, "ok");
     } catch (e) {
       toast(`${a.label} failed: ${e.message}`, "error");
@@ -300,6 +304,18 @@
         <th class="num">Cand. p99 ms</th><th class="num">Errors</th><th>Reason</th></tr></thead><tbody>${rows}</tbody></table></div></details>
     </div>`;
   }
+  // The version's offline gate beside the online evidence of its waves.
+  function offlineHTML(x) {
+    const e = x.offline_evidence;
+    if (!e || !e.checks || !e.checks.length) return "";
+    const key = `offline-${x.id}`;
+    const rows = e.checks.map((c) => `<tr><td>${esc(c.name)}</td><td>${esc(c.metric)}</td><td class="num">${num(c.candidate)}</td>
+      <td class="num">${num(c.production)}</td><td class="num">${num(c.threshold)}</td><td>${chip(c.passed ? "passed" : "failed")}</td></tr>`).join("");
+    return `<details class="offline" data-open-key="${key}"${S.open.has(key) ? " open" : ""}><summary>offline gate ${e.passed === null ? "" : chip(e.passed ? "passed" : "failed")}
+      <small class="muted">v${esc(x.version)} against v${esc(e.parent_version ?? "–")}: ${e.checks.length} checks</small></summary>
+      <table class="dense"><thead><tr><th>check</th><th>metric</th><th class="num">v${esc(x.version)}</th><th class="num">v${esc(e.parent_version ?? "–")}</th>
+      <th class="num">threshold</th><th></th></tr></thead><tbody>${rows}</tbody></table></details>`;
+  }
   function renderRollouts() {
     const r = S.rollouts;
     if (!r) return;
@@ -319,6 +335,7 @@
           <div class="buttons">${buttons}</div></div>
         ${x.reason ? `<p class="muted">${esc(x.reason)}</p>` : ""}
         <small class="muted">${waves.length} waves${cur ? " · current: " + esc(cur.name || "wave " + cur.index) : ""} · updated ${ts(x.updated_at)}</small>
+        ${offlineHTML(x)}
         <div class="waves">${waves.map((w) => waveHTML(x, w)).join("")}</div></div>`;
     }).join("");
     setHTML($("rollouts"), html);
@@ -368,7 +385,10 @@
         <td>${gateCell}</td><td class="num">${esc(M.devices_running[String(m.version)] || 0)}</td><td>${m.parent_version ? "v" + esc(m.parent_version) : "–"}</td><td>${act}</td></tr>`;
     }).join("") || empty("no models registered yet", 11);
     setHTML($("models-table"), head + `<tbody>${rows}</tbody>`);
-    setHTML($("model-actions"), M.aliases.previous ? button("model.rollback", "", `Roll production back to v${M.aliases.previous}`) : "");
+    // A rollout under way is what a rollback stops first (production stays); else production goes back.
+    const back = M.rolling_out ? `Stop v${M.rolling_out}: the fleet back to v${M.production_version}`
+      : M.aliases.previous ? `Roll the fleet back to v${M.aliases.previous}` : "";
+    setHTML($("model-actions"), back ? button("model.rollback", "", back) : "");
     if (S.model === null && M.items.length) S.model = (M.items.find((m) => m.status === "candidate") || prod || M.items[0]).version;
     renderModelDetail(prod);
   }
@@ -401,6 +421,8 @@
     return `<h3>${esc(set)} per class</h3><table class="dense"><thead><tr><th>class</th><th class="num">recall v${esc(m.version)}</th><th class="num">${esc(other)}</th>
       <th class="num">mAP50 v${esc(m.version)}</th><th class="num">${esc(other)}</th><th class="num">precision v${esc(m.version)}</th><th class="num">${esc(other)}</th></tr></thead><tbody>${rows}</tbody></table>`;
   }
+  // Versions the fleet may be rolled back to: once production (archived), never rejected or rolled back.
+  const ROLLBACK_TARGET = new Set(["archived"]);
   function renderModelDetail(prod) {
     const M = S.models;
     const m = M && M.items.find((x) => x.version === S.model);
@@ -428,7 +450,9 @@
     const sets = evalSets(m).filter((s) => (m.metrics[s] || {}).per_class);
     setHTML($("model-detail"), `<div class="card"><div class="toolbar"><h2>v${esc(m.version)} ${chip(m.status)}</h2>
       ${m.status === "candidate" && g.passed !== false ? button("model.approve", m.version) : ""}
-      <small class="muted">${m.reason ? esc(m.reason) : ""}</small></div>
+      ${ROLLBACK_TARGET.has(m.status) && prod && m.version !== prod.version ? button("model.rollback_to", m.version, `Roll the fleet back to v${m.version}`) : ""}
+      <small class="muted">${m.reason ? esc(m.reason) : ""}</small>
+      <small class="muted">${esc(M.devices_running[String(m.version)] || 0)} device(s) run it</small></div>
       <div class="side"><div><h3>Metrics${prod && prod !== m ? ` vs production v${esc(prod.version)}` : ""}</h3>${compareTable(m, prod)}</div>
       <div><h3>Gate ${g.passed === undefined ? "" : chip(g.passed ? "passed" : "failed")}</h3>
         ${(g.reasons || []).map((x) => `<p><small>${esc(x)}</small></p>`).join("")}

@@ -280,3 +280,37 @@ def test_every_tab_draws_without_script_errors(plant, browser):
         assert ui.errors == [], ui.errors
     finally:
         ui.close()
+
+
+def test_an_operator_rolls_the_fleet_back_from_the_models_tab(plant, browser):
+    """Last in this module: it ends the first test's paused rollout of v2 for good."""
+    from server.db.models import Device
+
+    operator = plant.token(Role.OPERATOR, "olga")
+    with _api(plant, operator) as api:
+        rollout = next(r for r in api.get("/api/v1/rollouts").json()["items"] if r["version"] == 2)
+        assert rollout["state"] == "paused"
+    with plant.ctx.sessions() as session:  # the canary runs v2 (it passed before the pause)
+        on_v2 = sorted(d.id for d in session.query(Device).filter(Device.active_version == 2))
+    assert on_v2, "the first test's canary should run v2"
+    ui = Page(browser, plant, operator)
+    try:
+        ui.tab("models")
+        button = ui.page.wait_for_selector('#model-actions button[data-action="model.rollback"]')
+        assert "Stop v2: the fleet back to v1" in button.inner_text()
+        button.click()
+        ui.page.wait_for_selector("dialog#confirm[open]")
+        ui.page.fill("#confirm-reason", "v2 misses dents on line 2")
+        ui.page.click("#confirm-ok")
+        ui.page.wait_for_selector(".toast.ok", timeout=15_000)
+        wait_for("the canary back on v1", lambda: all(_fleet(plant)[d] == (True, 1) for d in on_v2), 60)
+        with _api(plant, operator) as api:
+            assert api.get(f"/api/v1/rollouts/{rollout['id']}").json()["state"] == "rolled_back"
+            models = {m["version"]: m for m in api.get("/api/v1/models").json()["items"]}
+            assert models[1]["aliases"] == ["production"] and models[2]["status"] == "rolled_back"
+            entry = api.get("/api/v1/audit", params={"action": "fleet.rollback"}).json()["items"][0]
+            assert (entry["actor"], entry["detail"]["reason"]) == ("olga", "v2 misses dents on line 2")
+            assert entry["detail"]["rollout"] == rollout["id"]
+        assert ui.errors == [], ui.errors
+    finally:
+        ui.close()
