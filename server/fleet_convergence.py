@@ -4,8 +4,8 @@ A device that enrolls, or comes back online after a rollout or a fleet rollback 
 something else; this sends it production (a deploy when it is behind, a signed rollback when it
 is ahead). The decision is pure (:func:`convergence_actions`); :class:`FleetConvergence` reads the
 database, sends through ``server.deploy`` (which records a ``deployments`` row and audits) and runs
-on a timer. An operator's own command after production moved is respected: the device is left
-where the operator put it.
+on a timer. A command sent after production moved by anyone else (an operator's deploy, a rollout
+to one group) is respected: the device is left where it was put.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class FleetConvergence:
             c = since.get(dep.device_id, CommandsSince())
             if is_convergence(dep.reason) and dep.version == alias.version:
                 c = CommandsSince(c.ours + 1, dep.created_at, c.operators)
-            elif not is_convergence(dep.reason) and not dep.reason.startswith("rollout "):
+            elif not is_convergence(dep.reason):  # an operator's deploy, or a rollout's (e.g. to one group)
                 c = CommandsSince(c.ours, c.last_ours_at, c.operators + 1)
             since[dep.device_id] = c
         return convergence_actions(devices, alias.version, since, now=self._clock(),

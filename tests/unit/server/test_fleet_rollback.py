@@ -234,3 +234,10 @@ def test_convergence_leaves_devices_a_rollout_owns(tmp_path):
         session.get(Device, "cam-1").active_version = 2
         session.commit()
     assert _convergence(sim).run_once() == []
+
+
+def test_convergence_leaves_a_group_rollout_s_devices_on_their_version(tmp_path):
+    sim = _fleet(tmp_path, 3)
+    sim.run_until(sim.create(selector={"devices": ["cam-1"]}), lambda v: v["state"] == "succeeded" and v["settled"])
+    assert _production(sim) == 1 and sim.agents["cam-1"].active == 2
+    assert _convergence(sim).run_once() == []  # cam-1 is ahead of production by a rollout's choice
