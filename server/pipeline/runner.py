@@ -573,7 +573,8 @@ class RetrainRunner:
         artifacts = {"export": result.get("export", {}), "engines": result.get("engines", []),
                      "int8": result.get("int8", {})}
         hyper = {**result["hyperparameters"], "environment": result["environment"],
-                 "replay_ratio": policy.replay_ratio, "val_fraction": policy.val_fraction}
+                 "replay_ratio": policy.replay_ratio, "val_fraction": policy.val_fraction,
+                 "history": job.outputs["dataset"].get("history")}  # earlier snapshots it also trained on
         with self._sessions() as session:
             row = session.get(TrainingJob, job.id)
             if row.status != "running":

@@ -374,7 +374,7 @@ def test_manual_approval_keeps_a_passing_candidate_waiting_then_approve_and_roll
         session.commit()
         assert registry.production(session).version == 1
         assert session.get(ModelVersion, 2).status == "rolled_back"
-        with pytest.raises(registry.RegistryError, match="no previous"):
+        with pytest.raises(registry.RegistryError, match="no earlier production version"):
             registry.rollback(session)
 
 
@@ -775,6 +775,9 @@ def test_a_second_retrain_trains_on_the_first_snapshots_samples_too(ctx, tiny_on
     replayed = 10  # the replay set's size caps the 2x replay
     assert len(train) == output["train_images"] + output["history_images"] + replayed
     assert f"{output['train_images']} new train + {output['history_images']} history from 1 snapshots" in job2.log
+    with ctx.sessions() as session:  # the lineage of the version names the earlier snapshots it trained on
+        mv = session.get(ModelVersion, job2.candidate_version)
+        assert [h["id"] for h in mv.hyperparameters["history"]["snapshots"]] == [job1.snapshot_id]
 
 
 def test_history_off_trains_on_the_new_snapshot_alone(ctx, tiny_onnx):
