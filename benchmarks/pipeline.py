@@ -38,17 +38,21 @@ if str(ROOT) not in sys.path:
 TRAINING_STAGES = {"train"}
 
 
-def _seed_samples(ctx, count: int, imgsz: int, devices: int = 3) -> float:
+def seed_samples(ctx, count: int, imgsz: int, devices: int = 3, *, scenario: str | None = None,
+                 seed: int = 4242, device_prefix: str = "") -> float:
+    """Upload ``count`` rendered frames of ``scenario`` (default: the demo's shift) with their truth
+    as validated samples from ``devices`` devices; returns the seconds it took."""
     import cv2
 
     from server.db.models import Sample
     from training import synth
 
+    scenario = scenario or synth.DEFAULT_SHIFT
     t0 = time.monotonic()
     with ctx.sessions() as session:
         for i in range(count):
-            device = f"cam-{i % devices + 1}"
-            image, labels = synth.render_frame(synth.DEFAULT_SHIFT, 4242, i, imgsz)
+            device = f"{device_prefix}cam-{i % devices + 1}"
+            image, labels = synth.render_frame(scenario, seed, i, imgsz)
             data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
             key = f"images/{device}/{uuid.uuid4().hex}.jpg"
             ctx.store.put_bytes(key, data, "image/jpeg")
@@ -92,7 +96,7 @@ def run(samples: int, epochs: int, keep: bool) -> dict:
         ctx.publisher.register_external(pt=seed.pt, onnx=seed.onnx, imgsz=seed.imgsz, metrics={},
                                         hyperparameters=seed.hyperparameters, actor="benchmark", source="",
                                         work_dir=register_dir)
-        upload_seconds = _seed_samples(ctx, samples, seed.imgsz)
+        upload_seconds = seed_samples(ctx, samples, seed.imgsz)
         with ctx.sessions() as session:
             job = TrainingJob(trigger="manual", reason="benchmarks/pipeline.py")
             session.add(job)

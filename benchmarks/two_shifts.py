@@ -27,7 +27,6 @@ arm under that policy is reported. Figures are mAP50 (mAP50-95 in the JSON).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -35,7 +34,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,25 +45,9 @@ SETS = ("shift1", "shift2", "golden")
 
 
 def _add_samples(ctx, scenario: str, count: int, imgsz: int, devices: int = 2) -> None:
-    import cv2
+    from benchmarks.pipeline import seed_samples
 
-    from server.db.models import Sample
-    from training import synth
-
-    with ctx.sessions() as session:
-        for i in range(count):
-            device = f"{scenario}-cam-{i % devices + 1}"
-            image, labels = synth.render_frame(scenario, SAMPLE_SEED, i, imgsz)
-            data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
-            key = f"images/{device}/{uuid.uuid4().hex}.jpg"
-            ctx.store.put_bytes(key, data, "image/jpeg")
-            boxes = [{"cls": int(c), "cx": float(x), "cy": float(y), "w": float(w), "h": float(h)}
-                     for c, x, y, w, h in labels]
-            session.add(Sample(id=uuid.uuid4().hex, device_id=device, object_key=key,
-                               sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), width=imgsz,
-                               height=imgsz, reason="correction", labels=boxes, predictions=[],
-                               status="validated"))
-        session.commit()
+    seed_samples(ctx, count, imgsz, devices, scenario=scenario, seed=SAMPLE_SEED, device_prefix=f"{scenario}-")
 
 
 def _new_job(ctx, reason: str) -> int:
