@@ -2,15 +2,64 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
 app = typer.Typer()
+
+
+def bar(done: float, total: float, width: int = 30) -> str:
+    filled = int(width * min(1.0, done / total)) if total else 0
+    return "█" * filled + "░" * (width - filled)
+
+
+def progress_line(kind: str, info: dict, bar: Callable[[float, float], str]) -> str | None:
+    """One line for a progress event inside a stage (None for the stage events themselves)."""
+    if kind == "seed_epoch":
+        return f"training seed {bar(info['epoch'], info['epochs'])} epoch {info['epoch']}/{info['epochs']}"
+    if kind == "samples":
+        return f"samples {bar(info['pending'], info['threshold'])} {info['pending']}/{info['threshold']}  {info['by_status']}"
+    if kind == "job":
+        p = info.get("progress") or {}
+        epoch = f" epoch {p['epoch']}/{p['epochs']} {bar(p['epoch'], p['epochs'])}" if p.get("epochs") else ""
+        return f"job #{info['id']} {info['status']} · {info.get('stage') or ''}{epoch}"
+    if kind == "devices":
+        items = info["items"]
+        done = sum(d["active_version"] == info["version"] for d in items)
+        states = ", ".join(f"{d['id']}:{d['update_state'] or '-'}" for d in items)
+        return f"switched {bar(done, len(items))} {done}/{len(items)}  {states}"
+    return None
+
+
+class PlainProgress:
+    """Progress as plain lines for a log or a pipe: every stage start and end, and a changed
+    progress line at most every ``every`` seconds (the same figures as the live table)."""
+
+    def __init__(self, write: Callable[[str], None], every: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._write, self._every, self._clock = write, every, clock
+        self._last, self._at = "", float("-inf")
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if kind == "stage":
+            self._write(f"stage {info['stage']}: {info.get('detail', '')}")
+            self._last, self._at = "", float("-inf")
+        elif kind == "stage_done":
+            self._write(f"stage {info['stage']} done in {info['seconds']:.1f} s")
+        else:
+            line = progress_line(kind, info, lambda done, total: "")
+            now = self._clock()
+            if line and line != self._last and now - self._at >= self._every:
+                self._write("  " + " ".join(line.split()))
+                self._last, self._at = line, now
 
 
 @app.command("demo")
@@ -55,36 +104,27 @@ def demo(
                 table.add_row(view["line"], "")
         return table
 
-    def bar(done: float, total: float, width: int = 30) -> str:
-        filled = int(width * min(1.0, done / total)) if total else 0
-        return "█" * filled + "░" * (width - filled)
+    # A terminal gets a live table; a log file or pipe gets plain lines (Live would only print at the end).
+    live = Live(render(), console=console, refresh_per_second=4, transient=False) if console.is_terminal else None
+    plain = PlainProgress(console.print)
 
-    with Live(render(), console=console, refresh_per_second=4, transient=False) as live:
-        def progress(kind: str, info: dict) -> None:
-            if kind == "stage":
-                view.update(current=info["stage"], detail=info.get("detail", ""), line="")
-            elif kind == "stage_done":
-                view["stages"][info["stage"]] = info["seconds"]
-                view["current"] = ""
-            elif kind == "server":
-                console.print(f"live dashboard: {info['url']}", soft_wrap=True)
-                console.print(f"sign in with token {info['token']}", soft_wrap=True)
-            elif kind == "seed_epoch":
-                view["line"] = f"training seed {bar(info['epoch'], info['epochs'])} epoch {info['epoch']}/{info['epochs']}"
-            elif kind == "samples":
-                view["line"] = (f"samples {bar(info['pending'], info['threshold'])} "
-                                f"{info['pending']}/{info['threshold']}  {info['by_status']}")
-            elif kind == "job":
-                p = info.get("progress") or {}
-                epoch = f" epoch {p['epoch']}/{p['epochs']} {bar(p['epoch'], p['epochs'])}" if p.get("epochs") else ""
-                view["line"] = f"job #{info['id']} {info['status']} · {info.get('stage') or ''}{epoch}"
-            elif kind == "devices":
-                items = info["items"]
-                done = sum(d["active_version"] == info["version"] for d in items)
-                states = ", ".join(f"{d['id']}:{d['update_state'] or '-'}" for d in items)
-                view["line"] = f"switched {bar(done, len(items))} {done}/{len(items)}  {states}"
-            live.update(render())
+    def progress(kind: str, info: dict) -> None:
+        if kind == "server":
+            console.print(f"live dashboard: {info['url']}", soft_wrap=True)
+            console.print(f"sign in with token {info['token']}", soft_wrap=True)
+        if live is None:
+            plain(kind, info)
+            return
+        if kind == "stage":
+            view.update(current=info["stage"], detail=info.get("detail", ""), line="")
+        elif kind == "stage_done":
+            view["stages"][info["stage"]] = info["seconds"]
+            view["current"] = ""
+        else:
+            view["line"] = progress_line(kind, info, bar) or view["line"]
+        live.update(render())
 
+    with live or contextlib.nullcontext():
         try:
             report = run_demo(config, progress)
         except DemoFailed as exc:
