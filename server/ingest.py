@@ -4,11 +4,11 @@ device status and heartbeats, OTA transitions and shadow reports."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol import ProtocolError, decode_message
@@ -54,18 +54,30 @@ class IngestService:
         self._stop = threading.Event()
         self._rechecker: threading.Thread | None = None
 
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes):
+        """Decode and handle one device message on the calling thread; returns the message (None if
+        refused). The MQTT bus goes through server.ingest_queues.IngestDispatcher, which calls this
+        on its workers (and :meth:`decode` + :meth:`write_heartbeats` for batched heartbeats)."""
+        message = self.decode(topic, payload)
+        if message is not None:
+            self.process(message)
+        return message
+
+    def decode(self, topic: str, payload: bytes):
         received = datetime.now(UTC)
         try:
             message = decode_message(topic, payload)
         except ProtocolError as exc:
             metrics.MESSAGES_REJECTED.labels(reason="protocol").inc()
             log.warning("ingest.bad_message", topic=topic, error=str(exc))
-            return
+            return None
         metrics.MESSAGES_RECEIVED.labels(type=message.type).inc()
         # A timestamp without offset is taken as UTC; a device clock ahead of ours counts as no lag.
         sent = message.ts if message.ts.tzinfo else message.ts.replace(tzinfo=UTC)
         metrics.INGEST_LAG.labels(type=message.type).observe(max(0.0, (received - sent).total_seconds()))
+        return message
+
+    def process(self, message) -> None:
         if isinstance(message, SampleEvent):
             self.ingest_sample(message)
         elif isinstance(message, StatusMessage):
@@ -220,6 +232,37 @@ class IngestService:
             device.candidate_version = message.candidate_version
             device.last_heartbeat = message.model_dump(mode="json", exclude={"v", "type", "device_id", "msg_id"})
             session.commit()
+
+    def write_heartbeats(self, batch: Sequence[tuple[Heartbeat, bool]]) -> int:
+        """Write many devices' heartbeats in one transaction (at most one per device: the caller
+        coalesces). With ``apply_state`` False only ``last_heartbeat`` and ``last_seen`` are written:
+        a status or update message received after the heartbeat already set online and versions.
+        Returns how many heartbeats matched an enrolled device."""
+        now = utcnow()
+        ids = list({message.device_id for message, _ in batch})
+        with self._sessions() as session:
+            known: set[str] = set()
+            for start in range(0, len(ids), 500):
+                known.update(session.scalars(select(Device.id).where(Device.id.in_(ids[start:start + 500]))))
+            full, partial = [], []
+            for message, apply_state in batch:
+                if message.device_id not in known:
+                    continue
+                row = {"id": message.device_id, "last_seen": now, "last_heartbeat": message.model_dump(
+                    mode="json", exclude={"v", "type", "device_id", "msg_id"})}
+                if apply_state:
+                    full.append({**row, "online": True, "active_version": message.active_version,
+                                 "candidate_version": message.candidate_version})
+                else:
+                    partial.append(row)
+            for rows in (full, partial):
+                if rows:
+                    session.execute(update(Device), rows)  # ORM bulk UPDATE by primary key
+            session.commit()
+        unknown = len(ids) - len(known)
+        if unknown:
+            log.warning("ingest.unknown_device", devices=unknown, example=next(i for i in ids if i not in known))
+        return len(full) + len(partial)
 
     def _on_update(self, message: UpdateEvent) -> None:
         with self._sessions() as session:

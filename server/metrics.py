@@ -20,6 +20,30 @@ INGEST_LAG = Histogram(
     "edgeloop_mqtt_ingest_lag_seconds", "Delay from a device message's timestamp to its ingest, by type",
     ["type"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 6 * 3600, 24 * 3600),
 )
+# The ingest dispatcher (server/ingest_queues.py): queues per message class (heartbeat, event, sample,
+# drift) between the MQTT network thread and the handlers. Nothing leaves them uncounted.
+INGEST_QUEUE_DEPTH = Gauge("edgeloop_ingest_queue_depth", "Device messages waiting per class (heartbeat: devices "
+                                                          "with a heartbeat waiting for the next flush)", ["class"])
+INGEST_PROCESSED = Counter("edgeloop_ingest_processed_total", "Device messages handled by the ingest workers, by "
+                                                              "class and outcome (ok, failed)", ["class", "outcome"])
+INGEST_COALESCED = Counter("edgeloop_ingest_coalesced_total", "Heartbeats superseded by a later one of the same "
+                                                              "device before the flush (not lost: the latest wins)")
+INGEST_DROPPED = Counter("edgeloop_ingest_dropped_total", "Device messages dropped (QoS 0 only, or a failed "
+                                                          "heartbeat write), by class and reason", ["class", "reason"])
+INGEST_REFUSED = Counter("edgeloop_ingest_refused_total", "QoS 1 messages refused unacknowledged (the broker "
+                                                          "delivers them again), by class and reason",
+                         ["class", "reason"])
+INGEST_BLOCKED = Counter("edgeloop_ingest_blocked_total", "Times the MQTT network thread waited for room in a full "
+                                                          "queue (back-pressure on the broker)", ["class"])
+INGEST_BLOCKED_SECONDS = Counter("edgeloop_ingest_blocked_seconds_total", "Seconds the MQTT network thread waited "
+                                                                          "for room in a full queue", ["class"])
+INGEST_QUEUE_LAG = Histogram(
+    "edgeloop_ingest_lag_seconds", "Delay from a device message's timestamp to the end of its handling "
+                                   "(heartbeats: their batch committed), by class",
+    ["class"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+)
+INGEST_BATCH_SIZE = Histogram("edgeloop_ingest_heartbeat_batch_size", "Heartbeats written per transaction",
+                              buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000))
 SAMPLES = Counter("edgeloop_samples_ingested_total", "Samples ingested by outcome (validated, unlabeled, "
                                                      "rejected)", ["status"])
 PENDING_SAMPLES = Gauge("edgeloop_samples_pending", "Validated labeled samples toward the retrain threshold")

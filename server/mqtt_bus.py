@@ -16,6 +16,8 @@ from protocol import Channel, device_topic, encode_message, server_subscriptions
 log = structlog.get_logger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
+# server.ingest_queues.IngestDispatcher.submit: (topic, payload, qos, ack) -> taken
+MessageSink = Callable[[str, bytes, int, Callable[[], object]], object]
 
 
 class MqttBus:
@@ -28,11 +30,18 @@ class MqttBus:
         client_id: str,
         handler: MessageHandler,
         tls_ca: str | None = None,
+        sink: MessageSink | None = None,
     ) -> None:
+        """``handler`` runs each message on paho's network thread and paho acknowledges it when it
+        returns. With ``sink`` (the ingest dispatcher) the network thread only hands the message over
+        and the sink acknowledges a QoS 1 message once it is handled (paho's ``manual_ack``)."""
         self._handler = handler
+        self._sink = sink
         self._connected = threading.Event()
+        self._generation = 0  # connections so far: an ack for a message of an earlier one is not sent
         self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, reconnect_on_failure=True
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, reconnect_on_failure=True,
+            manual_ack=sink is not None,
         )
         self._client.username_pw_set(username, password)
         if tls_ca:
@@ -78,6 +87,7 @@ class MqttBus:
         if reason_code.is_failure:
             log.error("mqtt.connect_refused", reason=str(reason_code))
             return
+        self._generation += 1
         client.subscribe([(topic, qos) for topic, qos in server_subscriptions()])
         self._connected.set()
         log.info("mqtt.connected", host=self._host, port=self._port)
@@ -87,7 +97,32 @@ class MqttBus:
         log.warning("mqtt.disconnected", reason=str(reason_code))
 
     def _on_message(self, client, userdata, message) -> None:
+        if self._sink is not None:
+            ack = self._ack_for(message.mid, message.qos)
+            try:
+                self._sink(message.topic, message.payload, message.qos, ack)
+            except Exception:  # never leave a QoS 1 message unacknowledged by accident
+                log.exception("mqtt.sink_failed", topic=message.topic)
+                ack()
+            return
         try:
             self._handler(message.topic, message.payload)
         except Exception:  # one bad message must never kill the network loop
             log.exception("mqtt.handler_failed", topic=message.topic)
+
+    def _ack_for(self, mid: int, qos: int) -> Callable[[], object]:
+        if qos == 0:
+            return _no_ack
+        generation = self._generation
+
+        def ack() -> None:
+            # After a reconnect the broker delivers unacknowledged messages again (with the same ids):
+            # an ack from the old connection would acknowledge the wrong delivery.
+            if generation == self._generation:
+                self._client.ack(mid, qos)
+
+        return ack
+
+
+def _no_ack() -> None:
+    return None
