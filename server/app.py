@@ -82,10 +82,20 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
 
         ctx.convergence = make_fleet_convergence(ctx, key)
     ctx.ingest.on_drift = ctx.drift.handle
+    if connect_mqtt and settings.ingest.dispatcher:
+        from server.ingest_queues import DispatcherConfig, IngestDispatcher
+
+        policy = settings.ingest
+        ctx.ingest_dispatcher = IngestDispatcher(ctx.ingest, DispatcherConfig(
+            flush_interval=policy.flush_interval, event_workers=policy.event_workers,
+            sample_workers=policy.sample_workers, event_queue=policy.event_queue, sample_queue=policy.sample_queue,
+            drift_queue=policy.drift_queue, max_pending_heartbeats=policy.max_pending_heartbeats))
     if connect_mqtt:
+        dispatcher = ctx.ingest_dispatcher
         ctx.bus = MqttBus(settings.mqtt_host, settings.mqtt_port, settings.mqtt_username,
                           settings.mqtt_password.get_secret_value(), f"edgeloop-server-{os.getpid()}",
-                          ctx.ingest.handle, str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None)
+                          ctx.ingest.handle, str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None,
+                          sink=dispatcher.submit if dispatcher is not None else None)
         alerts.publish = ctx.bus.publish
     return ctx
 
@@ -104,6 +114,8 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
     async def lifespan(app: FastAPI):
         ctx = build_context(settings, connect_mqtt=connect_mqtt)
         app.state.ctx = ctx
+        if ctx.ingest_dispatcher is not None:
+            ctx.ingest_dispatcher.start()
         if ctx.bus is not None:
             ctx.bus.start()
         ctx.scheduler.start()
@@ -113,6 +125,10 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
         ctx.ingest.start_rechecker()
         log.info("server.started", url=settings.resolved_public_url(), db=settings.resolved_database_url())
         yield
+        if ctx.ingest_dispatcher is not None:
+            # Drain while still connected, so that what the queues held is handled and acknowledged;
+            # a QoS 1 message arriving from now on is left unacknowledged for the next session.
+            ctx.ingest_dispatcher.stop()
         ctx.ingest.stop()
         if ctx.convergence is not None:
             ctx.convergence.stop()

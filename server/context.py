@@ -27,3 +27,4 @@ class ServerContext:
     drift: object = None  # server.drift.monitor.DriftMonitor
     convergence: object = None  # server.fleet_convergence.FleetConvergence, when devices follow production
     signing_key: object = None  # the bundle signing key, which also signs rollback commands
+    ingest_dispatcher: object = None  # server.ingest_queues.IngestDispatcher between the bus and ingest

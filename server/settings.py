@@ -174,6 +174,20 @@ class RolloutPolicy(BaseSettings):
         return check_waves(value)
 
 
+class IngestPolicy(BaseModel):
+    """How device messages get from the MQTT network thread to the database (server/ingest_queues.py)."""
+
+    # False: every message is handled on paho's network thread, as before (the benchmarks' baseline).
+    dispatcher: bool = True
+    flush_interval: float = Field(0.5, gt=0, le=60)  # heartbeats: one transaction per interval
+    event_workers: int = Field(2, ge=1, le=64)  # status, update, shadow (a device always on the same one)
+    sample_workers: int = Field(4, ge=1, le=256)  # sample validation pool
+    event_queue: int = Field(10_000, ge=1)
+    sample_queue: int = Field(2_000, ge=1)
+    drift_queue: int = Field(1_000, ge=1)
+    max_pending_heartbeats: int = Field(100_000, ge=1)  # devices with a heartbeat waiting for the flush
+
+
 class KubernetesExecutorSettings(BaseSettings):
     """Where a retrain runs when ``EDGELOOP_EXECUTOR=kubernetes``: one Job per retrain
     (server/pipeline/k8s_executor.py renders it; deploy/k8s/ has the cluster side)."""
@@ -274,6 +288,8 @@ class ServerSettings(BaseSettings):
     drift: DriftPolicy = Field(default_factory=DriftPolicy)
     # Rollouts: default waves and gates, and how the controller runs them (server/rollouts/).
     rollouts: RolloutPolicy = Field(default_factory=RolloutPolicy)
+    # Device message ingest: queues per message class, workers, heartbeat batching.
+    ingest: IngestPolicy = Field(default_factory=IngestPolicy)
 
     def resolved_database_url(self) -> str:
         if self.database_url:
