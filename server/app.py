@@ -18,6 +18,7 @@ log = structlog.get_logger(__name__)
 
 def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> ServerContext:
     from server.alerts import AlertService
+    from server.broker_accounts import make_broker_accounts
     from server.db.session import make_engine, make_session_factory, upgrade_schema
     from server.drift.service import make_drift_monitor
     from server.ingest import IngestService
@@ -28,7 +29,6 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
     from server.pipeline.trigger import RetrainScheduler
     from server.publish import ModelPublisher, ensure_signing_key
     from server.sample_validation import ImageLimits
-    from server.stack.mosquitto import BrokerUsers
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url())
@@ -41,9 +41,7 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
     store.ensure_bucket()
     key = ensure_signing_key(settings.signing_key or settings.data_dir / "keys" / "signing-key.pem")
     publisher = ModelPublisher(sessions, store, key, settings.model_name, settings.class_names)
-    accounts = (BrokerUsers(settings.mqtt_password_file, settings.mqtt_broker_pid_file,
-                            log_file=settings.mqtt_broker_log_file)
-                if settings.mqtt_password_file else None)
+    accounts = make_broker_accounts(settings)  # None: enrollment answers 503
 
     alerts = AlertService(sessions, webhook_url=settings.alert_webhook_url)
     ctx = ServerContext(settings=settings, engine=engine, sessions=sessions, store=store, bus=None,

@@ -235,6 +235,27 @@ def devices_add(device_id: str, api_url: str = API_URL, token: str = TOKEN,
         sys.stdout.write(json.dumps(creds, indent=2) + "\n")
 
 
+@devices_app.command("enroll-bulk")
+def devices_enroll_bulk(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True,
+                                help="CSV with a header row id,groups,tags (labels in a cell: a;b), or a JSON "
+                                     'file {"devices": [{"device_id": ..., "groups": [...], "tags": [...]}]}.'),
+    out: Path = typer.Option(..., "--out", "-o", help="Write every device's credentials here (JSON, 0600)."),
+    api_url: str = API_URL, token: str = TOKEN,
+) -> None:
+    """Provision (or re-key) many devices in one call, all or nothing (admin role). A bad row is
+    refused, named, before anything is written; the credentials are shown only in --out."""
+    data = path.read_bytes()
+    is_json = path.suffix.lower() == ".json" or data.lstrip()[:1] in (b"{", b"[")
+    result = _call(api_url, token, "POST", "/api/v1/devices/bulk", content=data, timeout=600,
+                   headers={"Content-Type": "application/json" if is_json else "text/csv"})
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(result, fh, indent=2)
+    console.print(f"{result['total']} device(s) provisioned ({result['created']} new, {result['rekeyed']} re-keyed); "
+                  f"credentials written to {out}", highlight=False)
+
+
 @devices_app.command("list")
 def devices_list(
     group: list[str] = typer.Option(None, "--group", "-g", help="In any of these groups."),

@@ -17,7 +17,7 @@ class ServerContext:
     sessions: sessionmaker[Session]
     store: object  # server.objectstore.ObjectStore
     bus: object | None  # server.mqtt_bus.MqttBus
-    accounts: object | None  # server.stack.mosquitto.BrokerUsers
+    accounts: object | None  # server.broker_accounts.BrokerAccounts
     publisher: object  # server.publish.ModelPublisher
     scheduler: object  # server.pipeline.trigger.RetrainScheduler
     ingest: object  # server.ingest.IngestService

@@ -271,6 +271,73 @@ def provision(
     return creds, device
 
 
+def provision_many(
+    session: Session, accounts, devices: Sequence[Any], *, actor: str, source: str, now: datetime | None = None,
+) -> tuple[list[Credentials], int]:
+    """Bulk :func:`provision`: every device (``server.bulk_enroll.BulkDevice`` rows, ids unique) is
+    created or re-keyed in one transaction, and their broker accounts are written in one batch
+    (one password-file write and reload, or a few dynamic-security messages). All or nothing: a
+    database or broker failure leaves no device of the call half-enrolled. Returns (credentials in
+    the order given, how many devices existed and were re-keyed)."""
+    from server.broker_accounts import Account, chunks
+
+    _require_accounts(accounts)
+    now = now or utcnow()
+    ids = [d.device_id for d in devices]
+    existing: dict[str, Device] = {}
+    for part in chunks(ids, 500):  # SQLite's bound-parameter limit
+        for device in session.scalars(select(Device).where(Device.id.in_(list(part))).with_for_update()):
+            existing[device.id] = device
+    creds: list[Credentials] = []
+    for spec in devices:
+        device = existing.get(spec.device_id)
+        rekey = device is not None
+        if device is None:
+            device = Device(id=spec.device_id, created_at=now)
+            session.add(device)
+        else:
+            revoke_tokens(session, device.id, Role.DEVICE)
+        device.revoked, device.revoked_at = False, None
+        device.enrolled_by, device.enrolled_at = actor, now
+        set_labels(device, groups=spec.groups, tags=spec.tags)
+        api_token = issue_token(session, Role.DEVICE, device.id)
+        creds.append(Credentials(device.id, api_token, device.id, secrets.token_urlsafe(24)))
+        audit.record(session, actor, "device.rekey" if rekey else "device.provision", device.id, source,
+                     groups=device.groups, tags=device.tags, bulk=True)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise FleetError(409, "a device of this call was enrolled by a concurrent request; nothing was changed") \
+            from None
+    batch = [Account(c.mqtt_username, c.mqtt_password) for c in creds]
+    try:
+        if hasattr(accounts, "add_users"):
+            accounts.add_users(batch)
+        else:  # an older single-account implementation
+            for account in batch:
+                accounts.add_user(account.username, account.password)
+    except (OSError, RuntimeError, ValueError) as exc:
+        session.rollback()
+        log.error("fleet.broker_users_failed", devices=len(batch), error=str(exc))
+        raise FleetError(503, f"could not write the broker credentials of {len(batch)} devices "
+                              f"(nothing was changed): {exc}") from None
+    try:
+        session.commit()
+    except Exception:
+        try:
+            if hasattr(accounts, "remove_users"):
+                accounts.remove_users(ids)
+            else:
+                for device_id in ids:
+                    accounts.remove_user(device_id)
+        except (OSError, RuntimeError) as exc:
+            log.error("fleet.broker_remove_failed", devices=len(ids), error=str(exc))
+        raise
+    log.info("fleet.provisioned_bulk", devices=len(creds), rekeyed=len(existing), actor=actor, source=source)
+    return creds, len(existing)
+
+
 def revoke(session: Session, accounts, *, device_id: str, actor: str, source: str,
            now: datetime | None = None) -> dict[str, Any]:
     """Revoke a device: broker user removed (the broker reloads and drops it), API tokens revoked."""

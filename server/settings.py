@@ -244,6 +244,14 @@ class ServerSettings(BaseSettings):
     mqtt_password_file: Path | None = None
     mqtt_broker_pid_file: Path | None = None
     mqtt_broker_log_file: Path | None = None  # lets enrollment wait until the broker reloaded
+    # Where device broker accounts live (server/broker_accounts.py): "password_file" (the paths
+    # above; the embedded broker) or "dynamic_security" (Mosquitto's plugin, administered over MQTT
+    # as mqtt_dynsec_username, a user of its own with the plugin's admin role).
+    broker_accounts: Literal["password_file", "dynamic_security"] = "password_file"
+    mqtt_dynsec_username: str = "_edgeloop-accounts"
+    mqtt_dynsec_password: SecretStr | None = None
+    # Most devices one bulk enrollment call takes (POST /api/v1/devices/bulk).
+    bulk_enroll_max: int = Field(10_000, ge=1, le=10_000)
 
     s3_endpoint: str = "127.0.0.1:9000"
     s3_access_key: str = ""

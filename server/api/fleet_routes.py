@@ -8,15 +8,17 @@ from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
 
 from protocol.api import API_PREFIX, EnrollRequest, EnrollResponse, UploadGrant, UploadRequest
-from server import audit, fleet, metrics
+from server import audit, bulk_enroll, fleet, metrics
 from server.api.deps import client_address, get_context, get_principal, require
 from server.api.schemas import (
     BootstrapTokenCreate,
     BootstrapTokenCreated,
     BootstrapTokenInfo,
     DbId,
+    DeviceBulkCredentials,
     DeviceCreate,
     DeviceCredentials,
     DeviceInfo,
@@ -36,6 +38,7 @@ def _errors(*codes: int, **described: str) -> dict:
     """OpenAPI declaration of the error answers an operation gives (body: ErrorResponse)."""
     text = {400: "bad request", 401: "missing, invalid or revoked token", 403: "not allowed for this caller",
             404: "no such resource", 409: "conflicts with the current state", 413: "too large",
+            415: "unsupported content type", 422: "invalid input",
             429: "too many failed attempts from this address", 503: "a backing service is unavailable"}
     text.update({int(k[1:]): v for k, v in described.items()})
     return {code: {"model": ErrorResponse, "description": text[code]} for code in codes}
@@ -172,6 +175,61 @@ def provision_device(body: DeviceCreate, request: Request, ctx: ServerContext = 
             _raise(exc)
     return DeviceCredentials(device_id=creds.device_id, api_token=creds.api_token,
                              mqtt_username=creds.mqtt_username, mqtt_password=creds.mqtt_password)
+
+
+_BULK_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {
+        "type": "object", "required": ["devices"], "additionalProperties": False,
+        "properties": {"devices": {"type": "array", "minItems": 1, "maxItems": bulk_enroll.BULK_MAX,
+                                   "items": {"$ref": "#/components/schemas/DeviceCreate"}}}}},
+    "text/csv": {"schema": {"type": "string", "description": (
+        "a header row naming id (or device_id) and optionally groups and tags, then one device per "
+        "line; labels in a cell separated by ';'")}},
+}}}
+
+
+@router.post("/devices/bulk", response_model=DeviceBulkCredentials, status_code=201, tags=["fleet"],
+             summary="Provision or re-key many devices from a JSON list or a CSV (admin)",
+             responses=_errors(409, 413, 415, 422, 503, _422="a bad row (named) or too many devices; nothing done"),
+             openapi_extra=_BULK_BODY)
+async def provision_devices_bulk(request: Request, ctx: ServerContext = Depends(get_context),
+                                 who: Principal = Depends(require(Role.ADMIN))) -> DeviceBulkCredentials:
+    """Bulk ``POST /devices``: up to 10,000 devices (``bulk_enroll_max``) as JSON
+    (``{"devices": [{"device_id", "groups", "tags"}]}``) or CSV (``Content-Type: text/csv``: header
+    ``id,groups,tags``, labels in a cell separated by ``;``). All or nothing: a bad row is refused
+    with 422 naming it, before anything is written; the devices are then created (or re-keyed) in
+    one transaction and their broker accounts written in one batch. Each device's credentials are
+    in the answer only, in the order given."""
+    max_devices = min(ctx.settings.bulk_enroll_max, bulk_enroll.BULK_MAX)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > bulk_enroll.MAX_BODY_BYTES:
+        raise HTTPException(413, f"body of {length} bytes is over the {bulk_enroll.MAX_BODY_BYTES}-byte limit")
+    kind = (request.headers.get("content-type") or "application/json").split(";", 1)[0].strip().lower()
+    if kind not in ("application/json", "text/csv", "text/plain"):
+        raise HTTPException(415, f"send application/json or text/csv, not {kind!r}")
+    body = await request.body()
+    if len(body) > bulk_enroll.MAX_BODY_BYTES:
+        raise HTTPException(413, f"body of {len(body)} bytes is over the {bulk_enroll.MAX_BODY_BYTES}-byte limit")
+    try:
+        parse = bulk_enroll.parse_json if kind == "application/json" else bulk_enroll.parse_csv
+        devices = parse(body, max_devices=max_devices)
+    except bulk_enroll.BulkInputError as exc:
+        raise HTTPException(422, str(exc)) from None
+    source = client_address(request)
+
+    def provision() -> tuple[list[fleet.Credentials], int]:
+        with ctx.sessions() as session:
+            try:
+                return fleet.provision_many(session, ctx.accounts, devices, actor=who.subject, source=source)
+            except fleet.FleetError as exc:
+                session.rollback()
+                _raise(exc)
+
+    creds, rekeyed = await run_in_threadpool(provision)
+    return DeviceBulkCredentials(
+        total=len(creds), created=len(creds) - rekeyed, rekeyed=rekeyed,
+        items=[DeviceCredentials(device_id=c.device_id, api_token=c.api_token, mqtt_username=c.mqtt_username,
+                                 mqtt_password=c.mqtt_password) for c in creds])
 
 
 @router.get("/devices", response_model=Page[DeviceInfo], tags=["fleet"], summary="List devices (inventory)",

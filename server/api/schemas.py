@@ -58,6 +58,16 @@ class DeviceCreate(BaseModel):
     tags: Labels | None = None
 
 
+class DeviceBulkCredentials(BaseModel):
+    """What a bulk provisioning call created: every device's credentials (shown once), in the
+    order given; ``rekeyed`` of them existed and got new ones (their old ones stop working)."""
+
+    total: int
+    created: int
+    rekeyed: int
+    items: list[DeviceCredentials]
+
+
 class DeviceUpdate(BaseModel):
     """Operator edit of a device's inventory labels; a field left out is left as it is."""
 
