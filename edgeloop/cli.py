@@ -28,6 +28,7 @@ _SUBAPPS: list[tuple[str, str, str | None]] = [
     ("server.cli", "app", None),
     ("edge_agent.cli", "app", None),
     ("edgeloop.demo_cli", "app", None),
+    ("edgeloop.simulator.cli", "app", None),
 ]
 
 

@@ -58,6 +58,17 @@ def test_package_imports_only_what_design_allows(package):
     assert not violations, "\n".join(violations)
 
 
+def test_fleet_simulator_speaks_only_the_wire():
+    # edgeloop/simulator is a product of its own: it knows the server and the agent only through
+    # protocol/ (and firmware_bundles/ for signed commands), never their internals.
+    violations = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in sorted((ROOT / "edgeloop" / "simulator").rglob("*.py"))
+        for name in _imports(path) & {"server", "edge_agent", "training", "torch", "ultralytics", "fastapi"}
+    ]
+    assert not violations, "\n".join(violations)
+
+
 def test_shared_drift_stats_stays_a_leaf():
     # What training and server may import from the agent must not pull the rest of it in.
     ours = {"protocol", "firmware_bundles", "edge_agent", "training", "server", "edgeloop"}
