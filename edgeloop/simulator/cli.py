@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -93,8 +94,15 @@ def simulate(
                          profile=FleetProfile(offline=offline, slow=slow, refusing=refusing, seed=seed), seed=seed)
     fleet = Fleet(creds, config, verify_rollback=verify)
     started = time.monotonic()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, fleet.stop)  # say goodbye, then write the counters
+        await fleet.run(duration, progress=lambda f: print(_line(f, started), flush=True))
+
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(fleet.run(duration, progress=lambda f: print(_line(f, started), flush=True)))
+        asyncio.run(main())
     print(_line(fleet, started), flush=True)
     if json_out is not None:
         json_out.write_text(json.dumps(fleet.counters.snapshot(), indent=1))

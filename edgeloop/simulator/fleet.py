@@ -79,7 +79,18 @@ class Counters:
         return {"sent": dict(self.sent), "acked": dict(self.acked), "refused": dict(self.refused),
                 "commands": dict(self.commands), "bad_commands": self.bad_commands, "connected": self.connected,
                 "connect_failures": self.connect_failures, "disconnects": self.disconnects,
-                "uploads": self.uploads, "upload_failures": self.upload_failures}
+                "uploads": self.uploads, "upload_failures": self.upload_failures,
+                "command_times": _spans((t, kind) for t, _d, kind, _v in self.command_log),
+                "update_times": _spans((t, f"{state}:v{v}") for t, _d, state, v in self.update_log)}
+
+
+def _spans(items) -> dict[str, list[float]]:
+    """kind -> [first, last wall-clock time, count]."""
+    out: dict[str, list[float]] = {}
+    for t, kind in items:
+        span = out.setdefault(kind, [t, t, 0])
+        span[0], span[1], span[2] = min(span[0], t), max(span[1], t), span[2] + 1
+    return out
 
 
 def png_bytes(width: int, height: int, rng: random.Random) -> bytes:

@@ -1,0 +1,277 @@
+"""Fleet benchmark: the real server against N simulated devices (``edgeloop simulate``).
+
+This process runs the server (uvicorn in a thread, SQLite, its own Mosquitto and SeaweedFS), so its
+CPU time and RSS are the server's; the devices run in one ``python -m edgeloop simulate`` subprocess
+(one event loop). For each fleet size (a small baseline first, then N, same stack, same run) it
+measures: provisioning rate (bulk enrollment), messages/s ingested per type and ingest lag p50/p99
+(the server's own histogram, interpolated in its buckets) over a steady window, heartbeats sent vs
+counted (lost), time to fan a direct deploy out to every device and to see every acknowledgement
+(ACTIVE on the server), a whole rollout canary -> 100 % end to end, and server CPU and RSS.
+
+    .venv/bin/python benchmarks/fleet.py --devices 1000 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+ADMIN = "bench-admin-" + uuid.uuid4().hex
+
+
+def _counter(metric, **labels) -> float:
+    return metric.labels(**labels)._value.get()
+
+
+def _hist(metric, kind: str) -> dict[float, float]:
+    """Cumulative bucket counts (upper bound -> count) of one type."""
+    return {float(s.labels["le"]): s.value for s in metric.collect()[0].samples
+            if s.name.endswith("_bucket") and s.labels.get("type") == kind}
+
+
+def _quantile(before: dict, after: dict, q: float) -> float | None:
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0
+    if not total:
+        return None
+    target, lower, prev = q * total, 0.0, 0.0
+    for bound, cum in zip(bounds, counts, strict=True):
+        if cum >= target:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (target - prev) / max(cum - prev, 1e-9)
+        lower, prev = bound, cum
+    return lower
+
+
+def _wait(what, check, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _versions(ctx, ids) -> dict:
+    from sqlalchemy import func, select
+
+    from server.db.models import Device
+
+    with ctx.sessions() as session:
+        return dict(session.execute(select(Device.active_version, func.count()).where(Device.id.in_(ids))
+                                    .group_by(Device.active_version)).all())
+
+
+def _online(ctx, ids) -> int:
+    from sqlalchemy import func, select
+
+    from server.db.models import Device
+
+    with ctx.sessions() as session:
+        return session.scalar(select(func.count()).select_from(Device).where(Device.id.in_(ids),
+                                                                             Device.online.is_(True)))
+
+
+def seed_versions(ctx, versions: int) -> None:
+    from server import registry
+    from server.db import models as db
+
+    with ctx.sessions() as session:
+        for version in range(1, versions + 1):
+            session.add(db.ModelVersion(version=version, name="defects", status="production" if version == 1
+                                        else "candidate", bundle_key=f"models/defects/{version}/bundle.tar",
+                                        bundle_sha256="ab" * 32, bundle_size=8_000_000,
+                                        class_names=["scratch", "dent", "stain"], metrics={}, gate={"passed": True}))
+        session.flush()
+        registry.set_alias(session, "production", 1)
+        session.commit()
+
+
+def run_size(server, broker, n: int, args, version: int, tmp: Path) -> dict:
+    """One fleet of ``n`` devices: enroll, steady window, direct deploy of ``version``, rollout of
+    ``version + 1``. Returns the figures."""
+    from edgeloop.simulator.credentials import device_ids, enroll, save_credentials
+    from server import metrics
+
+    proc = psutil.Process()
+    prefix = f"b{uuid.uuid4().hex[:4]}"
+    t0 = time.monotonic()
+    creds = enroll(server.url, ADMIN, device_ids(n, prefix))
+    provision_s = time.monotonic() - t0
+    ids = [c.device_id for c in creds]
+    cred_file, out_file = tmp / f"creds-{n}.json", tmp / f"sim-{n}.json"
+    save_credentials(cred_file, creds)
+
+    kinds = ("heartbeat", "status", "update", "shadow", "drift")
+    received0 = {k: _counter(metrics.MESSAGES_RECEIVED, type=k) for k in kinds}
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "edgeloop", "simulate", "--devices", str(n), "--credentials", str(cred_file),
+         "--mqtt-host", broker.host, "--mqtt-port", str(broker.port), "--heartbeat-seconds",
+         str(args.heartbeat_seconds), "--shadow-seconds", "1", "--drift-seconds", str(args.drift_seconds),
+         "--connects-per-second", "1000", "--json", str(out_file)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
+    sim_ps = psutil.Process(sim.pid)
+    try:
+        t0 = time.monotonic()
+        _wait("every device online", lambda: _online(server.ctx, ids) == n, 120 + n / 50)
+        online_s = time.monotonic() - t0
+        time.sleep(2 * args.heartbeat_seconds)  # let the connection ramp settle
+
+        # Steady window: ingest rate, lag, server CPU.
+        lag0 = {k: _hist(metrics.INGEST_LAG, k) for k in ("heartbeat",)}
+        rec0 = {k: _counter(metrics.MESSAGES_RECEIVED, type=k) for k in kinds}
+        cpu0, sim_cpu0, w0 = proc.cpu_times(), sim_ps.cpu_times(), time.monotonic()
+        time.sleep(args.window)
+        wall = time.monotonic() - w0
+        cpu1, sim_cpu1 = proc.cpu_times(), sim_ps.cpu_times()
+        rates = {k: round((_counter(metrics.MESSAGES_RECEIVED, type=k) - rec0[k]) / wall, 1) for k in kinds}
+        lag1 = _hist(metrics.INGEST_LAG, "heartbeat")
+        steady = {
+            "seconds": round(wall, 1), "ingested_per_s": rates,
+            "heartbeat_lag_ms": {"p50": _ms(_quantile(lag0["heartbeat"], lag1, 0.5)),
+                                 "p99": _ms(_quantile(lag0["heartbeat"], lag1, 0.99))},
+            "server_cpu_percent": round(100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / wall, 1),
+            "simulator_cpu_percent": round(100 * ((sim_cpu1.user + sim_cpu1.system)
+                                                  - (sim_cpu0.user + sim_cpu0.system)) / wall, 1),
+            "server_rss_mb": round(proc.memory_info().rss / 2**20, 1),
+            "simulator_rss_mb": round(sim_ps.memory_info().rss / 2**20, 1),
+        }
+
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120) as api:
+            # Fan-out: one direct deploy to every device; every ACTIVE seen by the server.
+            t_post = time.time()
+            r = api.post("/api/v1/deployments", json={"version": version, "devices": ids, "mode": "direct"})
+            r.raise_for_status()
+            posted_s = time.time() - t_post
+            _wait("every device on the deployed version", lambda: _versions(server.ctx, ids) == {version: n},
+                  120 + n / 20)
+            acks_s = time.time() - t_post
+
+            # A whole rollout canary -> 100 %.
+            t_roll = time.monotonic()
+            r = api.post("/api/v1/rollouts", json={
+                "version": version + 1, "selector": {"devices": ids},
+                "waves": [{"name": "canary", "count": max(1, n // 100)}, {"name": "fleet", "percent": 100}],
+                "gates": {"min_frames": 100, "min_shadow_seconds": 1, "max_latency_ratio": 5.0},
+                "reason": "benchmark"})
+            if r.status_code == 422:  # no device selector in this build: the whole fleet
+                r = api.post("/api/v1/rollouts", json={
+                    "version": version + 1,
+                    "waves": [{"name": "canary", "count": max(1, n // 100)}, {"name": "fleet", "percent": 100}],
+                    "gates": {"min_frames": 100, "min_shadow_seconds": 1, "max_latency_ratio": 5.0},
+                    "reason": "benchmark"})
+            r.raise_for_status()
+            rid = r.json()["id"]
+            body = _wait("the rollout to finish", lambda: (lambda b: b if b["state"] in
+                          {"succeeded", "paused", "aborted", "rolled_back"} else None)(
+                api.get(f"/api/v1/rollouts/{rid}").json()), 300 + n / 10)
+            rollout_s = time.monotonic() - t_roll
+        rss_peak = proc.memory_info().rss
+    finally:
+        sim.send_signal(2)  # SIGINT: the simulator says goodbye and writes its counters
+        try:
+            sim.wait(60)
+        except subprocess.TimeoutExpired:
+            sim.kill()
+    counters = json.loads(out_file.read_text()) if out_file.exists() else {}
+    sent_hb = counters.get("sent", {}).get("heartbeat", 0)
+    _wait("ingest to drain", lambda: _counter(metrics.MESSAGES_RECEIVED, type="heartbeat") - received0["heartbeat"]
+          >= sent_hb, 30) if sent_hb else None
+    counted_hb = _counter(metrics.MESSAGES_RECEIVED, type="heartbeat") - received0["heartbeat"]
+    deploy_span = counters.get("command_times", {}).get("deploy")
+    return {
+        "devices": n,
+        "provisioning": {"seconds": round(provision_s, 2), "devices_per_s": round(n / provision_s, 1)},
+        "all_online_seconds": round(online_s, 1),
+        "steady": steady,
+        "heartbeats": {"sent": sent_hb, "counted": int(counted_hb), "lost": int(sent_hb - counted_hb)},
+        "simulator": {k: counters.get(k) for k in ("sent", "acked", "refused", "commands", "connect_failures",
+                                                  "disconnects")},
+        "deploy_fanout": {"api_seconds": round(posted_s, 2),
+                          "all_received_seconds": round(deploy_span[1] - t_post, 2) if deploy_span else None,
+                          "all_acknowledged_seconds": round(acks_s, 2)},
+        "rollout": {"state": body["state"], "seconds": round(rollout_s, 1)},
+        "server_rss_mb_end": round(rss_peak / 2**20, 1),
+    }
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, nargs="+", default=[1000])
+    parser.add_argument("--baseline", type=int, default=100, help="fleet size measured first, same run (0: none)")
+    parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
+    parser.add_argument("--drift-seconds", type=float, default=60.0)
+    parser.add_argument("--window", type=float, default=20.0, help="steady-state window, seconds")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from dashboard_kit import LiveServer
+
+    from server.settings import RolloutPolicy, ServerSettings
+    from server.stack.mosquitto import MosquittoBroker
+    from server.stack.seaweedfs import SeaweedS3
+
+    root = Path(tempfile.mkdtemp(prefix="edgeloop-fleet-bench-"))
+    os.chmod(root, 0o755)
+    broker, s3 = MosquittoBroker(root / "mqtt"), SeaweedS3(root / "s3")
+    sizes = ([args.baseline] if args.baseline else []) + args.devices
+    results = []
+    started = time.monotonic()
+    try:
+        (root / "mqtt").mkdir()
+        broker.start()
+        s3.start()
+        settings = ServerSettings(
+            data_dir=root / "server", database_url=f"sqlite:///{root / 'edgeloop.db'}", port=LiveServer.free_port(),
+            mqtt_host=broker.host, mqtt_port=broker.port, mqtt_username=broker.server_username,
+            mqtt_password=broker.server_password, mqtt_password_file=broker.password_file,
+            mqtt_broker_pid_file=broker.pid_file, mqtt_broker_log_file=broker.log_file,
+            s3_endpoint=s3.endpoint, s3_access_key=s3.access_key, s3_secret_key=s3.secret_key, s3_bucket="bench",
+            admin_token=ADMIN, rollouts=RolloutPolicy(reconcile_seconds=0.5, resend_seconds=30,
+                                                      device_timeout_seconds=600, lease_seconds=10))
+        server = LiveServer(settings).start()
+        try:
+            seed_versions(server.ctx, 1 + 2 * len(sizes))
+            for i, n in enumerate(sizes):
+                print(f"fleet of {n} ...", flush=True)
+                result = run_size(server, broker, n, args, version=2 + 2 * i, tmp=root)
+                results.append(result)
+                print(json.dumps(result), flush=True)
+        finally:
+            server.stop()
+    finally:
+        s3.stop()
+        broker.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    report = {"baseline_devices": args.baseline or None, "runs": results, "load_average": os.getloadavg(),
+              "heartbeat_seconds": args.heartbeat_seconds, "total_seconds": round(time.monotonic() - started, 1)}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
