@@ -100,41 +100,76 @@ class IngestService:
             existing = session.get(Sample, event.sample_id)
             if existing is not None:
                 return existing  # QoS 1 redelivery or an agent retry: idempotent
-            status, reason = "validated" if event.labels is not None else "unlabeled", ""
-            try:
-                self._validate(session, event)
-            except SampleRejected as exc:
-                status, reason = "rejected", str(exc)
-            except ObjectStoreError as exc:
-                # The broker has acknowledged the event and the device forgot it: never drop it.
-                # Keep it unverified and check it again once the store answers (recheck_unverified).
-                status, reason = UNVERIFIED, f"object store unreachable at ingest, re-checked later: {exc}"
-            sample = Sample(
-                id=event.sample_id,
-                device_id=event.device_id,
-                object_key=event.object_key,
-                sha256=event.sha256,
-                size_bytes=event.size_bytes,
-                width=event.width,
-                height=event.height,
-                reason=event.reason.value,
-                model_version=event.model_version,
-                labels=[b.model_dump() for b in event.labels] if event.labels is not None else None,
-                predictions=[b.model_dump() for b in event.predictions],
-                captured_at=event.captured_at,
-                status=status,
-                reject_reason=reason,
-            )
+            sample = self._sample_row(session, event)
             session.add(sample)
             session.commit()
             pending = pending_labeled_samples(session)
-        metrics.SAMPLES.labels(status=status).inc()
-        if status == "rejected":
-            log.info("ingest.sample_rejected", device=event.device_id, sample=event.sample_id, reason=reason)
-        metrics.PENDING_SAMPLES.set(pending)
-        if status == "validated" and pending >= self._threshold:
-            self._on_threshold(pending)
+        self._counted([sample], pending)
         return sample
+
+    def validate_sample(self, event: SampleEvent) -> Sample | None:
+        """The checks of :meth:`ingest_sample` without writing: the row to store (with its outcome),
+        or None when the sample is stored already. The dispatcher's sample pool runs these in
+        parallel and :meth:`store_samples` writes their rows in one transaction."""
+        with self._sessions() as session:
+            if session.get(Sample, event.sample_id) is not None:
+                return None
+            return self._sample_row(session, event)
+
+    def store_samples(self, rows: Sequence[Sample]) -> list[Sample]:
+        """Write validated rows in one transaction; rows already stored (a redelivery) are skipped.
+        Returns the rows written."""
+        ids = [row.id for row in rows]
+        with self._sessions() as session:
+            seen = set(session.scalars(select(Sample.id).where(Sample.id.in_(ids)))) if ids else set()
+            written = []
+            for row in rows:
+                if row.id in seen:
+                    continue
+                seen.add(row.id)
+                session.add(row)
+                written.append(row)
+            session.commit()
+            pending = pending_labeled_samples(session)
+        self._counted(written, pending)
+        return written
+
+    def _sample_row(self, session: Session, event: SampleEvent) -> Sample:
+        status, reason = "validated" if event.labels is not None else "unlabeled", ""
+        try:
+            self._validate(session, event)
+        except SampleRejected as exc:
+            status, reason = "rejected", str(exc)
+        except ObjectStoreError as exc:
+            # The broker has acknowledged the event and the device forgot it: never drop it.
+            # Keep it unverified and check it again once the store answers (recheck_unverified).
+            status, reason = UNVERIFIED, f"object store unreachable at ingest, re-checked later: {exc}"
+        return Sample(
+            id=event.sample_id,
+            device_id=event.device_id,
+            object_key=event.object_key,
+            sha256=event.sha256,
+            size_bytes=event.size_bytes,
+            width=event.width,
+            height=event.height,
+            reason=event.reason.value,
+            model_version=event.model_version,
+            labels=[b.model_dump() for b in event.labels] if event.labels is not None else None,
+            predictions=[b.model_dump() for b in event.predictions],
+            captured_at=event.captured_at,
+            status=status,
+            reject_reason=reason,
+        )
+
+    def _counted(self, written: Sequence[Sample], pending: int) -> None:
+        for sample in written:
+            metrics.SAMPLES.labels(status=sample.status).inc()
+            if sample.status == "rejected":
+                log.info("ingest.sample_rejected", device=sample.device_id, sample=sample.id,
+                         reason=sample.reject_reason)
+        metrics.PENDING_SAMPLES.set(pending)
+        if any(s.status == "validated" for s in written) and pending >= self._threshold:
+            self._on_threshold(pending)
 
     def recheck_unverified(self, limit: int = 500) -> dict[str, int]:
         """Validate samples that arrived while the object store was unreachable; returns outcomes."""

@@ -9,7 +9,9 @@ on the dispatcher's own threads:
 - **event** (status, update, shadow): ``event_workers`` FIFO queues, a device always on the same
   one, so one device's update events and shadow reports are handled in the order they came. The
   rollout controller's hook runs here.
-- **sample**: a pool of ``sample_workers`` threads (object read, header check, decode).
+- **sample**: a pool of ``sample_workers`` threads validates (object read, header check, decode) and
+  one writer stores the validated rows in one transaction per ``sample_flush_interval``; a sample
+  is acknowledged after its row is committed.
 - **drift**: one FIFO worker (the drift monitor scores per device, in order).
 
 A slow sample therefore never delays a heartbeat or an update acknowledgement.
@@ -19,8 +21,11 @@ Back-pressure is explicit and counted (``server.metrics``):
 - The bus runs paho with ``manual_ack``: a QoS 1 message is acknowledged to the broker only after
   its handler ran (or, for a coalesced heartbeat, after the newer one was written). A server that
   dies with messages in its queues has acknowledged none of them; the broker redelivers them.
+- The bus lets the broker keep up to 65,535 unacknowledged messages with the server (MQTT v5
+  Receive Maximum; Mosquitto's default is 20 and it drops what overflows its per-client queue).
 - A QoS 1 message whose queue is full blocks the network thread until there is room: the broker
-  (and TCP) hold what comes after it. Each wait is counted (``edgeloop_ingest_blocked_total``,
+  (and TCP) hold what comes after it, heartbeats included, so a sustained sample overload delays
+  heartbeats; a burst up to the queue bounds does not. Each wait is counted (``edgeloop_ingest_blocked_total``,
   ``..._blocked_seconds_total``).
 - A QoS 0 message whose queue is full is dropped and counted
   (``edgeloop_ingest_dropped_total{reason="queue_full"}``), as is a heartbeat from a new device
@@ -45,6 +50,7 @@ from datetime import UTC, datetime
 
 import structlog
 
+from protocol.messages import SampleEvent
 from protocol.topics import Channel, TopicError, parse_device_topic
 from server import metrics
 
@@ -78,6 +84,9 @@ class DispatcherConfig:
     max_pending_heartbeats: int = 100_000
     # How long one put waits before the wait is logged again (it keeps waiting: nothing is dropped).
     block_log_seconds: float = 5.0
+    # Validated samples are written in one transaction per this interval (or per sample_batch rows).
+    sample_flush_interval: float = 0.05
+    sample_batch: int = 500
 
 
 @dataclass(slots=True)
@@ -116,6 +125,9 @@ class IngestDispatcher:
         self._events = [queue.Queue(cfg.event_queue) for _ in range(cfg.event_workers)]
         self._samples: queue.Queue = queue.Queue(cfg.sample_queue)
         self._drift: queue.Queue = queue.Queue(cfg.drift_queue)
+        # Validated sample rows on their way to the writer (only with an ingest that can batch them).
+        self._batch_samples = hasattr(ingest, "validate_sample") and hasattr(ingest, "store_samples")
+        self._sample_rows: queue.Queue = queue.Queue(cfg.sample_queue)
         self._hb = _Heartbeats()
         self._hb_lock = threading.Lock()
         self._state_seq: dict[str, int] = {}  # device -> seq of its latest status/update message
@@ -258,6 +270,9 @@ class IngestDispatcher:
         specs += [("ingest-drift", self._work, self._drift, DRIFT)]
         for name, target, q, cls in specs:
             self._threads.append(threading.Thread(target=target, args=(q, cls), name=name, daemon=True))
+        if self._batch_samples:
+            self._threads.append(threading.Thread(target=self._write_samples, name="ingest-sample-writer",
+                                                  daemon=True))
         self._threads.append(threading.Thread(target=self._flush_loop, name="ingest-heartbeats", daemon=True))
         for thread in self._threads:
             thread.start()
@@ -273,6 +288,10 @@ class IngestDispatcher:
         for _ in sample_threads:
             _put_stop(self._samples, deadline)
         _put_stop(self._drift, deadline)
+        for thread in sample_threads:  # validated rows are all with the writer once these end
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self._batch_samples:
+            _put_stop(self._sample_rows, deadline)
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         left = {cls: self.depth(cls) for cls in CLASSES}
@@ -302,7 +321,9 @@ class IngestDispatcher:
             return len(self._hb.latest)
         if cls == EVENT:
             return sum(q.qsize() for q in self._events)
-        return (self._samples if cls == SAMPLE else self._drift).qsize()
+        if cls == SAMPLE:
+            return self._samples.qsize() + self._sample_rows.qsize()
+        return self._drift.qsize()
 
     def stats(self) -> dict[str, object]:
         with self._counts_lock:
@@ -316,13 +337,36 @@ class IngestDispatcher:
             item = q.get()
             if item is _STOP:
                 return
+            done = True
             try:
-                self._handle(item)
+                done = self._handle(item)
             finally:
-                self._outstanding(-1)
-                self._notify()
+                if done:
+                    self._outstanding(-1)
+                    self._notify()
 
-    def _handle(self, item: _Item) -> None:
+    def _handle(self, item: _Item) -> bool:
+        """Handle one message; False when it went on to the sample writer (which finishes it)."""
+        if item.cls == SAMPLE and self._batch_samples:
+            try:
+                message = self._ingest.decode(item.topic, item.payload)
+                row = self._ingest.validate_sample(message) if isinstance(message, SampleEvent) else None
+            except Exception:
+                log.exception("ingest.sample_validation_failed", topic=item.topic)
+                _call(item.ack)
+                self._finished(item.cls, "failed", [])
+                return True
+            if row is not None:
+                self._sample_rows.put((item, message, row))  # bounded: waits while the writer is behind
+                return False
+            if message is not None and not isinstance(message, SampleEvent):
+                return self._handle_one(item)  # not a sample after all: let the ordinary path refuse it
+            _call(item.ack)  # refused by the protocol, or stored already (a redelivery)
+            self._finished(item.cls, "ok", [message] if message is not None else [])
+            return True
+        return self._handle_one(item)
+
+    def _handle_one(self, item: _Item) -> bool:
         outcome = "ok"
         message = None
         try:
@@ -333,6 +377,37 @@ class IngestDispatcher:
         finally:
             _call(item.ack)
         self._finished(item.cls, outcome, [message] if message is not None else [])
+        return True
+
+    def _write_samples(self) -> None:
+        """Validated sample rows, written in one transaction per interval; acked after the commit."""
+        stopping = False
+        while not stopping:
+            first = self._sample_rows.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.config.sample_flush_interval
+            while len(batch) < self.config.sample_batch:
+                try:
+                    entry = self._sample_rows.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if entry is _STOP:
+                    stopping = True
+                    break
+                batch.append(entry)
+            outcome = "ok"
+            try:
+                self._ingest.store_samples([row for _, _, row in batch])
+            except Exception:
+                outcome = "failed"
+                log.exception("ingest.sample_write_failed", samples=len(batch))
+            finally:
+                _call_all([item.ack for item, _, _ in batch if item.ack is not None])
+                self._finished(SAMPLE, outcome, [message for _, message, _ in batch], count=len(batch))
+                self._outstanding(-len(batch))
+                self._notify()
 
     def _flush_loop(self) -> None:
         while True:

@@ -16,6 +16,7 @@ from protocol import Channel, device_topic, encode_message, server_subscriptions
 log = structlog.get_logger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
+RECEIVE_MAXIMUM = 65535  # the most unacknowledged QoS 1 messages MQTT allows (16-bit packet ids)
 # server.ingest_queues.IngestDispatcher.submit: (topic, payload, qos, ack) -> taken
 MessageSink = Callable[[str, bytes, int, Callable[[], object]], object]
 
@@ -55,6 +56,12 @@ class MqttBus:
     def start(self, timeout: float = 10.0) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600  # keep QoS 1 device events queued across a server restart
+        if self._sink is not None:
+            # Messages are acknowledged once handled, so let the broker keep that many unacknowledged
+            # ones with us (Mosquitto's default is 20, and what it cannot send it queues up to its
+            # max_queued_messages, 1000 by default, then drops): the dispatcher's bounded queues and
+            # its blocking of the network thread are the back-pressure instead.
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
         self._client.connect(self._host, self._port, keepalive=30, clean_start=False, properties=props)
         self._client.loop_start()
         if not self._connected.wait(timeout):

@@ -329,3 +329,65 @@ def test_dispatcher_in_front_of_the_real_service(service):
         a, b = session.get(Device, "cam-a"), session.get(Device, "cam-b")
         assert (a.online, a.active_version) == (True, 4)
         assert (b.online, b.active_version, b.last_heartbeat["frames_total"]) == (True, 6, 9)
+
+
+class _Store:
+    """ObjectStore's stat/get_bytes over a dict."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+
+    def stat(self, key):
+        data = self.objects.get(key)
+        return None if data is None else (len(data), "")
+
+    def get_bytes(self, key, max_bytes=None):
+        return self.objects[key]
+
+
+def test_samples_are_validated_in_parallel_and_written_in_batches(tmp_path):
+    import hashlib
+
+    import cv2
+    import numpy as np
+
+    from server.db.models import Sample
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'samples.db'}", connect_args={"check_same_thread": False})
+    Base.metadata.create_all(engine)
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    with sessions() as session:
+        session.add(Device(id="cam-a"))
+        session.commit()
+    data = cv2.imencode(".jpg", np.full((64, 64, 3), 127, np.uint8))[1].tobytes()
+    sha = hashlib.sha256(data).hexdigest()
+    key = f"images/cam-a/{sha}.jpg"
+    triggered: list[int] = []
+    ingest = IngestService(sessions, _Store({key: data}), ["a", "b"], ImageLimits(max_bytes=1 << 20, max_side=4096),
+                           40, on_threshold=triggered.append)
+    transactions: list[int] = []
+    store_samples = ingest.store_samples
+    ingest.store_samples = lambda rows: transactions.append(len(rows)) or store_samples(rows)
+    acks = Acks()
+    d = IngestDispatcher(ingest, DispatcherConfig(sample_workers=4))
+    d.start()
+    events = [SampleEvent(device_id="cam-a", sample_id=uuid.uuid4().hex, object_key=key, sha256=sha,
+                          size_bytes=len(data), width=64, height=64, reason="correction",
+                          labels=[{"cls": 1, "cx": .5, "cy": .5, "w": .2, "h": .2}]) for _ in range(50)]
+    bad = SampleEvent(device_id="cam-a", sample_id=uuid.uuid4().hex, object_key="images/cam-a/missing.jpg",
+                      sha256=sha, size_bytes=len(data), width=64, height=64, reason="correction", labels=[])
+    try:
+        for i, event in enumerate([*events, bad]):
+            d.submit(*_wire(event), qos=1, ack=acks(f"s{i}"))
+        assert d.drain(15)
+        d.submit(*_wire(events[0]), qos=1, ack=acks("again"))  # a redelivery: stored once, acked
+        assert d.drain(5)
+    finally:
+        d.stop(5)
+    assert len(acks.done) == 52
+    assert sum(transactions) == 51 and len(transactions) < 51
+    with sessions() as session:
+        statuses = [s.status for s in session.query(Sample)]
+    assert statuses.count("validated") == 50 and statuses.count("rejected") == 1
+    assert triggered and triggered[-1] >= 40
+    engine.dispose()
