@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.pipeline.gate import GatePolicy
 from server.rollouts.spec import GateConfig, WaveSpec, canary_then_fleet, check_waves, default_waves
 from training.finetune import FINETUNE_DEFAULTS
 
@@ -45,8 +46,8 @@ class TrainingPolicy(BaseSettings):
                 "warmup_epochs": self.warmup_epochs, "warmup_bias_lr": self.warmup_bias_lr, "seed": self.seed,
                 "val_fraction": self.val_fraction, "replay_ratio": self.replay_ratio}
 
-    # Gate: candidate golden mAP50-95 must be >= production - tolerance.
-    golden_tolerance: float = Field(0.0, ge=0, le=1)
+    # Gate: candidate golden mAP50-95 must be >= production - tolerance (the margin: see GatePolicy).
+    golden_tolerance: float = Field(GatePolicy.golden_tolerance, ge=0, le=1)
     # Gate: the candidate must beat production on the new-data split by at least this.
     min_new_data_gain: float = Field(0.0, ge=0, le=1)
     # Gate (bias check): no class's golden recall and no source device's new-data recall may drop more.
