@@ -30,20 +30,10 @@ from server.stack.seaweedfs import SeaweedS3
 
 @pytest.fixture(scope="session")
 def mqtt_broker() -> Iterator[MosquittoBroker]:
-    # Not under tmp_path_factory: pytest makes /tmp/pytest-of-<user> 0700, and Mosquitto
-    # started as root runs as the `mosquitto` user, which must reach its folder.
-    workdir = Path(tempfile.mkdtemp(prefix="edgeloop-mosquitto-"))
-    broker = MosquittoBroker(workdir)
-    try:
-        broker.start()
-    except ServiceError as exc:
-        shutil.rmtree(workdir, ignore_errors=True)
-        pytest.fail(f"cannot start the Mosquitto broker: {exc}", pytrace=False)
-    try:
+    from fleet_kit import running_broker
+
+    with running_broker() as broker:
         yield broker
-    finally:
-        broker.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -4,12 +4,17 @@ client that reports CONNACK/PUBACK reason codes."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from fastapi.testclient import TestClient
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
@@ -20,6 +25,29 @@ from server.settings import ServerSettings
 ADMIN = "fleet-admin-token-" + uuid.uuid4().hex
 NOT_AUTHORIZED = 0x87
 TIMEOUT = 10.0
+
+
+@contextlib.contextmanager
+def running_broker(prefix: str = "edgeloop-mosquitto-", **options) -> Iterator:
+    """A started MosquittoBroker in a folder of its own (``options`` as MosquittoBroker takes them),
+    stopped and removed afterwards; a broker that cannot start FAILS the test with the reason.
+    Not under tmp_path_factory: pytest makes /tmp/pytest-of-<user> 0700, and Mosquitto started as
+    root runs as the ``mosquitto`` user, which must reach its folder."""
+    from server.stack.errors import ServiceError
+    from server.stack.mosquitto import MosquittoBroker
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    broker = MosquittoBroker(workdir, **options)
+    try:
+        broker.start()
+    except ServiceError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        pytest.fail(f"cannot start the Mosquitto broker ({options or 'defaults'}): {exc}", pytrace=False)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float = 15.0):

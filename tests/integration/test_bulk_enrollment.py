@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import tempfile
 import uuid
-from pathlib import Path
 
 import pytest
 
 pytest.register_assert_rewrite("fleet_kit")
-from fleet_kit import NOT_AUTHORIZED, MqttClient, server_settings, start_server  # noqa: E402
+from fleet_kit import NOT_AUTHORIZED, MqttClient, running_broker, server_settings, start_server  # noqa: E402
 
 from protocol import Channel, device_topic  # noqa: E402
 from server.broker_accounts import DynamicSecurityAccounts  # noqa: E402
-from server.stack.errors import ServiceError  # noqa: E402
-from server.stack.mosquitto import MosquittoBroker  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -30,18 +25,8 @@ BULK = "/api/v1/devices/bulk"
 
 @pytest.fixture(scope="module")
 def dynsec_broker():
-    workdir = Path(tempfile.mkdtemp(prefix="edgeloop-dynsec-"))
-    broker = MosquittoBroker(workdir, dynamic_security=True)
-    try:
-        broker.start()
-    except ServiceError as exc:
-        shutil.rmtree(workdir, ignore_errors=True)
-        pytest.fail(f"cannot start Mosquitto with the dynamic-security plugin: {exc}", pytrace=False)
-    try:
+    with running_broker("edgeloop-dynsec-", dynamic_security=True) as broker:
         yield broker
-    finally:
-        broker.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
