@@ -9,9 +9,10 @@ on the dispatcher's own threads:
 - **event** (status, update, shadow): ``event_workers`` FIFO queues, a device always on the same
   one, so one device's update events and shadow reports are handled in the order they came. The
   rollout controller's hook runs here.
-- **sample**: a pool of ``sample_workers`` threads validates (object read, header check, decode) and
-  one writer stores the validated rows in one transaction per ``sample_flush_interval``; a sample
-  is acknowledged after its row is committed.
+- **sample**: a pool of ``sample_workers`` threads validates (object read, header check, decode),
+  each with its own queue and a device always on the same one (a device's samples are stored in the
+  order they came, as the agent's spool sent them), and one writer stores the validated rows in one
+  transaction per ``sample_flush_interval``; a sample is acknowledged after its row is committed.
 - **drift**: one FIFO worker (the drift monitor scores per device, in order).
 
 A slow sample therefore never delays a heartbeat or an update acknowledgement.
@@ -123,7 +124,8 @@ class IngestDispatcher:
                              "flush interval")
         self._clock = clock
         self._events = [queue.Queue(cfg.event_queue) for _ in range(cfg.event_workers)]
-        self._samples: queue.Queue = queue.Queue(cfg.sample_queue)
+        # One queue per sample worker, a device always on the same one: its samples keep their order.
+        self._samples = [queue.Queue(cfg.sample_queue) for _ in range(cfg.sample_workers)]
         self._drift: queue.Queue = queue.Queue(cfg.drift_queue)
         # Validated sample rows on their way to the writer (only with an ingest that can batch them).
         self._batch_samples = hasattr(ingest, "validate_sample") and hasattr(ingest, "store_samples")
@@ -168,8 +170,9 @@ class IngestDispatcher:
         self._count("submitted")
         if cls == HEARTBEAT:
             return self._put_heartbeat(item)
-        target = (self._events[zlib.crc32(device_id.encode()) % len(self._events)] if cls == EVENT
-                  else self._samples if cls == SAMPLE else self._drift)
+        shard = zlib.crc32(device_id.encode())
+        target = (self._events[shard % len(self._events)] if cls == EVENT
+                  else self._samples[shard % len(self._samples)] if cls == SAMPLE else self._drift)
         return self._put(target, item)
 
     def _put_heartbeat(self, item: _Item) -> bool:
@@ -265,8 +268,7 @@ class IngestDispatcher:
         self._stopping.clear()
         self._accepting = True
         specs = [(f"ingest-event-{i}", self._work, q, EVENT) for i, q in enumerate(self._events)]
-        specs += [(f"ingest-sample-{i}", self._work, self._samples, SAMPLE)
-                  for i in range(self.config.sample_workers)]
+        specs += [(f"ingest-sample-{i}", self._work, q, SAMPLE) for i, q in enumerate(self._samples)]
         specs += [("ingest-drift", self._work, self._drift, DRIFT)]
         for name, target, q, cls in specs:
             self._threads.append(threading.Thread(target=target, args=(q, cls), name=name, daemon=True))
@@ -285,8 +287,8 @@ class IngestDispatcher:
         sample_threads = [t for t in self._threads if t.name.startswith("ingest-sample-")]
         for q in self._events:
             _put_stop(q, deadline)
-        for _ in sample_threads:
-            _put_stop(self._samples, deadline)
+        for q in self._samples:
+            _put_stop(q, deadline)
         _put_stop(self._drift, deadline)
         for thread in sample_threads:  # validated rows are all with the writer once these end
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -322,7 +324,7 @@ class IngestDispatcher:
         if cls == EVENT:
             return sum(q.qsize() for q in self._events)
         if cls == SAMPLE:
-            return self._samples.qsize() + self._sample_rows.qsize()
+            return sum(q.qsize() for q in self._samples) + self._sample_rows.qsize()
         return self._drift.qsize()
 
     def stats(self) -> dict[str, object]:
