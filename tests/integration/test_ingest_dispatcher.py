@@ -14,7 +14,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 pytest.register_assert_rewrite("fleet_kit")
-from fleet_kit import server_settings, start_server, wait_for  # noqa: E402
+from fleet_kit import running_broker, server_settings, start_server, wait_for  # noqa: E402
 
 from protocol import Channel, device_topic, encode_message  # noqa: E402
 from protocol.messages import Heartbeat, StatusMessage, UpdateEvent  # noqa: E402
@@ -51,6 +51,14 @@ def _device_client(creds: dict, host: str, port: int) -> mqtt.Client:
     client.loop_start()
     assert connected.wait(10), "device did not connect"
     return client
+
+
+@pytest.fixture
+def mqtt_broker():
+    """A broker of this test's own: the session broker keeps the server's persistent session (its
+    client id is per process), which holds other tests' unacknowledged messages for the next server."""
+    with running_broker("edgeloop-dispatcher-") as broker:
+        yield broker
 
 
 def test_thousands_of_heartbeats_from_many_devices_are_all_counted(mqtt_broker, seaweedfs, tmp_path, database_url):
