@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server import registry
 from server.db.models import Alias, Deployment, Device, Rollout, RolloutDevice, utcnow
+from server.rollouts.plan import RESTING_UPDATE_STATES
 
 log = structlog.get_logger(__name__)
 
@@ -28,8 +29,6 @@ log = structlog.get_logger(__name__)
 REASON_PREFIX = "converge to production"
 # Behind production: deploy it (shadowed first); no model yet: install it directly; ahead: roll back.
 DEPLOY, INSTALL, ROLLBACK = "deploy", "install", "rollback"
-# Update states in which a device takes a new command (as the rollout controller's eligibility).
-RESTING = frozenset({"", "IDLE", "ACTIVE", "REJECTED", "ROLLED_BACK", "FAILED"})
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def convergence_actions(devices: Iterable[DeviceFacts], production: int, since: 
     for d in devices:
         if d.active_version == production or not d.online or d.owned_by_rollout:
             continue
-        if (d.update_state or "") not in RESTING:
+        if (d.update_state or "") not in RESTING_UPDATE_STATES:  # as the rollout controller
             continue
         c = since.get(d.device_id, CommandsSince())
         if c.operators or c.ours >= max_sends:

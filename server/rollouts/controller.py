@@ -61,8 +61,6 @@ from server.rollouts.spec import Selector
 log = structlog.get_logger(__name__)
 
 ACTOR = "rollout-controller"
-# Agent states in which a new deploy is accepted (edge_agent/ota/states.py RESTING; "" = never updated).
-_RESTING = frozenset({"", "IDLE", "ACTIVE", "REJECTED", "ROLLED_BACK", "FAILED"})
 
 
 @dataclass
@@ -409,7 +407,7 @@ class _Step:
         query = query.where(Device.id.not_in(busy))
         out = []
         for d in self.session.scalars(query):
-            if (d.active_version is None or d.active_version < r.version) and (d.update_state or "") in _RESTING:
+            if (d.active_version is None or d.active_version < r.version) and (d.update_state or "") in plan.RESTING_UPDATE_STATES:
                 out.append((plan.Candidate(d.id, bool(d.online), d.active_version), d))
         return out
 

@@ -28,6 +28,9 @@ ROLLOUT_STATES = (PENDING, AWAITING_APPROVAL, RUNNING, PAUSED, SUCCEEDED, ABORTE
 ACTIVE = frozenset({PENDING, AWAITING_APPROVAL, RUNNING, PAUSED})
 FINISHED = frozenset({SUCCEEDED, ABORTED, ROLLED_BACK})
 
+# Agent states in which a new deploy is accepted (edge_agent/ota/states.py RESTING; "" = never updated).
+RESTING_UPDATE_STATES = frozenset({"", "IDLE", "ACTIVE", "REJECTED", "ROLLED_BACK", "FAILED"})
+
 # Wave states, and the phases of a running wave.
 WAVE_PENDING, WAVE_RUNNING, WAVE_PASSED, WAVE_FAILED = "pending", "running", "passed", "failed"
 PHASE_SHADOW, PHASE_SWITCH = "shadow", "switch"
