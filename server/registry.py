@@ -101,18 +101,25 @@ def production_history(session: Session) -> list[int]:
     return seen
 
 
+def _earlier_production(session: Session, than: int) -> ModelVersion | None:
+    """The newest version production pointed at, other than ``than``, that may be gone back to."""
+    for version in production_history(session):
+        mv = session.get(ModelVersion, version)
+        if version != than and mv is not None and mv.status not in _NOT_A_ROLLBACK_TARGET and mv.bundle_key:
+            return mv
+    return None
+
+
 def rollback_target(session: Session) -> ModelVersion:
     """Where a rollback without a version goes: the newest earlier production version that was
     not itself rolled back (from the history, so a second rollback goes one further back)."""
     current = production(session)
     if current is None:
         raise RegistryError("there is no production model to roll back")
-    for version in production_history(session):
-        mv = session.get(ModelVersion, version)
-        if version != current.version and mv is not None and mv.status not in _NOT_A_ROLLBACK_TARGET \
-                and mv.bundle_key:
-            return mv
-    raise RegistryError(f"version {current.version} has no earlier production version to roll back to")
+    target = _earlier_production(session, current.version)
+    if target is None:
+        raise RegistryError(f"version {current.version} has no earlier production version to roll back to")
+    return target
 
 
 def rollback(session: Session, to_version: int | None = None, *, actor: str = "",
@@ -136,13 +143,11 @@ def rollback(session: Session, to_version: int | None = None, *, actor: str = ""
         mv.status = "rolled_back"
     target.status = "production"
     set_alias(session, PRODUCTION, target.version, actor=actor, reason=reason or "rollback")
-    before = next((v for v in production_history(session) if v != target.version
-                   and (m := session.get(ModelVersion, v)) is not None and m.status not in _NOT_A_ROLLBACK_TARGET),
-                  None)
+    before = _earlier_production(session, target.version)
     if before is None:
         clear_alias(session, PREVIOUS, actor=actor, reason="rollback: no earlier production version")
     else:
-        set_alias(session, PREVIOUS, before, actor=actor, reason="rollback")
+        set_alias(session, PREVIOUS, before.version, actor=actor, reason="rollback")
     return current.version, target.version
 
 
