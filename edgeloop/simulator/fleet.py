@@ -70,6 +70,8 @@ class Counters:
     disconnects: int = 0
     uploads: int = 0
     upload_failures: int = 0
+    upload_errors: Counter = field(default_factory=Counter)  # "ExcType: message" -> count, for diagnosis
+    uploads_started: int = 0
     # (wall-clock time, device id, command type, version) of each command received
     command_log: list[tuple[float, str, str, int | None]] = field(default_factory=list)
     # (wall-clock time, device id, to_state, version) of each update event published
@@ -80,6 +82,7 @@ class Counters:
                 "commands": dict(self.commands), "bad_commands": self.bad_commands, "connected": self.connected,
                 "connect_failures": self.connect_failures, "disconnects": self.disconnects,
                 "uploads": self.uploads, "upload_failures": self.upload_failures,
+                "uploads_started": self.uploads_started, "upload_errors": dict(self.upload_errors),
                 "command_times": _spans((t, kind) for t, _d, kind, _v in self.command_log),
                 "update_times": _spans((t, f"{state}:v{v}") for t, _d, state, v in self.update_log)}
 
@@ -373,6 +376,7 @@ class Fleet:
                 if progress is not None:
                     progress(self)
         finally:
+            await self._finish_uploads(30.0)
             for client in self.clients:
                 client.goodbye()
             deadline = self.loop.time() + 5.0  # the broker acknowledges what is in flight
@@ -387,6 +391,20 @@ class Fleet:
             if self._http is not None:
                 await self._http.aclose()
         return self.counters
+
+    async def _finish_uploads(self, timeout: float) -> None:
+        """Let the uploads under way finish before the devices say goodbye: a slow server must show as
+        slow uploads or counted failures, not as samples that silently never happened."""
+        for client in self.clients:
+            client._cancel("sample")  # no new uploads while the last ones finish
+        pending = [t for t in self.tasks if not t.done()]
+        if not pending:
+            return
+        _done, late = await asyncio.wait(pending, timeout=timeout)
+        for task in late:
+            task.cancel()
+            self.counters.upload_failures += 1
+            self.counters.upload_errors[f"unfinished after {timeout:g} s at shutdown"] += 1
 
     async def _misc(self) -> None:
         while True:
@@ -434,6 +452,7 @@ class Fleet:
         data = png_bytes(size, size, self.rng)
         sha = hashlib.sha256(data).hexdigest()
         headers = {"Authorization": f"Bearer {client.cred.api_token}"}
+        self.counters.uploads_started += 1
         try:
             response = await self._http.post(upload_path(client.device_id), headers=headers, json=UploadRequest(
                 sha256=sha, size_bytes=len(data), content_type="image/png").model_dump())
@@ -443,6 +462,7 @@ class Fleet:
             put.raise_for_status()
         except Exception as exc:  # httpx errors, a refused grant: counted, the device goes on
             self.counters.upload_failures += 1
+            self.counters.upload_errors[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
             log.debug("%s: upload failed: %s", client.device_id, exc)
             return
         self.counters.uploads += 1

@@ -159,7 +159,8 @@ def test_simulated_fleet_against_the_real_server(live, mqtt_broker):
         if kind != "heartbeat":
             assert counters.acked[kind] == n, (kind, counters.acked[kind], n)
     # Samples: real images behind real presigned uploads, validated by the server's ingest.
-    assert counters.uploads >= 1 and counters.upload_failures == 0
+    assert counters.uploads >= 1 and counters.upload_failures == 0, (
+        counters.uploads_started, counters.uploads, dict(counters.upload_errors))
     wait_for("every sample ingested",
              lambda: _value(metrics.MESSAGES_RECEIVED, type="sample") - samples0 == counters.sent["sample"], 15)
     assert _sample_statuses(live) == {"unlabeled": counters.sent["sample"]}
