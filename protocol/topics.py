@@ -83,13 +83,36 @@ def parse_device_topic(topic: str) -> tuple[str, Channel]:
         raise TopicError(f"topic {topic!r} names unknown channel {channel!r}") from None
 
 
-def server_subscriptions() -> list[tuple[str, int]]:
-    """(filter, qos) pairs the server subscribes to: every device-published channel."""
-    return [
-        (f"{TOPIC_ROOT}/+/{spec.channel.value}", spec.qos)
-        for spec in _SPECS.values()
-        if spec.publisher == "device"
-    ]
+#: Channels whose messages of one device (and of one group) must reach one consumer, in order:
+#: drift windows feed per-device hysteresis and per-group rounds. Replicas do not share them.
+SINGLE_CONSUMER_CHANNELS = frozenset({Channel.DRIFT})
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """An MQTT v5 shared subscription: the broker hands each message to one subscriber of ``group``."""
+    if not group or any(c in group for c in "/+#"):
+        raise TopicError(f"invalid shared subscription group {group!r}")
+    return f"$share/{group}/{topic_filter}"
+
+
+def server_subscriptions(shared_group: str | None = None, *, primary: bool = True) -> list[tuple[str, int]]:
+    """(filter, qos) pairs the server subscribes to: every device-published channel.
+
+    With ``shared_group`` (replicas) the channels are shared across the group, except
+    :data:`SINGLE_CONSUMER_CHANNELS`, which only the primary subscribes to, unshared."""
+    subscriptions = []
+    for spec in _SPECS.values():
+        if spec.publisher != "device":
+            continue
+        topic_filter = f"{TOPIC_ROOT}/+/{spec.channel.value}"
+        if shared_group is None:
+            subscriptions.append((topic_filter, spec.qos))
+        elif spec.channel in SINGLE_CONSUMER_CHANNELS:
+            if primary:
+                subscriptions.append((topic_filter, spec.qos))
+        else:
+            subscriptions.append((shared_filter(shared_group, topic_filter), spec.qos))
+    return subscriptions
 
 
 def acl_patterns() -> list[str]:

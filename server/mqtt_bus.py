@@ -32,12 +32,17 @@ class MqttBus:
         handler: MessageHandler,
         tls_ca: str | None = None,
         sink: MessageSink | None = None,
+        shared_group: str | None = None,
+        primary: bool = True,
     ) -> None:
-        """``handler`` runs each message on paho's network thread and paho acknowledges it when it
+        """With ``shared_group`` this server is one replica of several sharing the device traffic
+        (:func:`protocol.server_subscriptions`). ``handler`` runs each message on paho's network thread and paho acknowledges it when it
         returns. With ``sink`` (the ingest dispatcher) the network thread only hands the message over
         and the sink acknowledges a QoS 1 message once it is handled (paho's ``manual_ack``)."""
         self._handler = handler
         self._sink = sink
+        self._subscriptions = server_subscriptions(shared_group, primary=primary)
+        self._shared = shared_group is not None
         self._connected = threading.Event()
         self._generation = 0  # connections so far: an ack for a message of an earlier one is not sent
         self._client = mqtt.Client(
@@ -69,7 +74,14 @@ class MqttBus:
             raise ConnectionError(f"MQTT broker {self._host}:{self._port} did not accept the server in {timeout}s")
 
     def stop(self) -> None:
-        self._client.disconnect()
+        props = None
+        if self._shared:
+            # A replica that leaves cleanly ends its session: Mosquitto would otherwise go on queueing
+            # its share of the traffic for it until it returns. (Killed, it keeps the session, and
+            # what was queued for it is delivered when it restarts under the same client id.)
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+        self._client.disconnect(properties=props)
         self._client.loop_stop()
 
     @property
@@ -95,7 +107,7 @@ class MqttBus:
             log.error("mqtt.connect_refused", reason=str(reason_code))
             return
         self._generation += 1
-        client.subscribe([(topic, qos) for topic, qos in server_subscriptions()])
+        client.subscribe(self._subscriptions)
         self._connected.set()
         log.info("mqtt.connected", host=self._host, port=self._port)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.pipeline.gate import GatePolicy
@@ -241,6 +241,18 @@ class ServerSettings(BaseSettings):
     mqtt_username: str = "_edgeloop-server"
     mqtt_password: SecretStr = SecretStr("")
     mqtt_tls_ca: Path | None = None
+    # The MQTT client id: the broker keeps this replica's session (its subscriptions, QoS 1 messages
+    # not yet acknowledged) under it across restarts, so it must be stable and one per replica.
+    # Empty: the user name (what Mosquitto's use_username_as_clientid forces anyway).
+    mqtt_client_id: str = Field("", max_length=64)
+    # Replicas: every replica subscribes in this MQTT v5 shared-subscription group ($share/<group>/...),
+    # so the broker hands each device message to one of them. None: one server takes all traffic.
+    mqtt_shared_group: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # "primary" also runs what must run once per deployment: the retrain worker, fleet convergence
+    # and drift monitoring (a device's drift windows and a group's rounds need one consumer, so only
+    # the primary subscribes to that channel). "ingest" replicas serve the API, take their share of
+    # the device traffic and run rollouts under the rollouts' leases. Exactly one primary.
+    replica_role: Literal["primary", "ingest"] = "primary"
     # Where device broker credentials are written (enrollment) and which broker to reload.
     mqtt_password_file: Path | None = None
     mqtt_broker_pid_file: Path | None = None
@@ -299,6 +311,16 @@ class ServerSettings(BaseSettings):
     rollouts: RolloutPolicy = Field(default_factory=RolloutPolicy)
     # Device message ingest: queues per message class, workers, heartbeat batching.
     ingest: IngestPolicy = Field(default_factory=IngestPolicy)
+
+    @model_validator(mode="after")
+    def _replicas_share(self) -> ServerSettings:
+        if self.replica_role == "ingest" and not self.mqtt_shared_group:
+            # Without a shared group every replica would receive, and handle, every message.
+            raise ValueError("replica_role 'ingest' needs mqtt_shared_group (the replicas' $share group)")
+        return self
+
+    def resolved_mqtt_client_id(self) -> str:
+        return self.mqtt_client_id or self.mqtt_username
 
     def resolved_database_url(self) -> str:
         if self.database_url:

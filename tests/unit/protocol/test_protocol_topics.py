@@ -135,3 +135,23 @@ def test_topic_spec_lookup_by_enum_or_string() -> None:
         assert topic_spec(c.value) is topic_spec(c)
     with pytest.raises(ValueError):
         topic_spec("firmware")
+
+
+def test_replicas_share_every_channel_but_drift_which_only_the_primary_takes() -> None:
+    from protocol.topics import SINGLE_CONSUMER_CHANNELS
+
+    plain = dict(server_subscriptions())
+    primary = dict(server_subscriptions("edgeloop", primary=True))
+    ingest = dict(server_subscriptions("edgeloop", primary=False))
+    drift = f"{TOPIC_ROOT}/+/drift"
+    assert {Channel.DRIFT} == SINGLE_CONSUMER_CHANNELS
+    assert primary[drift] == plain[drift] and drift not in ingest
+    shared = {f"$share/edgeloop/{flt}": qos for flt, qos in plain.items() if flt != drift}
+    assert {k: v for k, v in primary.items() if k != drift} == shared
+    assert ingest == shared
+
+
+@pytest.mark.parametrize("group", ["", "a/b", "a+", "#"])
+def test_a_shared_group_name_cannot_change_the_filter(group) -> None:
+    with pytest.raises(ValueError):
+        server_subscriptions(group)
