@@ -273,7 +273,8 @@ class IngestDispatcher:
         for name, target, q, cls in specs:
             self._threads.append(threading.Thread(target=target, args=(q, cls), name=name, daemon=True))
         if self._batch_samples:
-            self._threads.append(threading.Thread(target=self._write_samples, name="ingest-sample-writer",
+            # Not "ingest-sample-*": stop() waits for the sample workers before it stops the writer.
+            self._threads.append(threading.Thread(target=self._write_samples, name="ingest-writer",
                                                   daemon=True))
         self._threads.append(threading.Thread(target=self._flush_loop, name="ingest-heartbeats", daemon=True))
         for thread in self._threads:
@@ -284,6 +285,8 @@ class IngestDispatcher:
         self._accepting = False
         self._stopping.set()
         deadline = time.monotonic() + timeout
+        # The sample workers only: the writer gets its stop after them (waiting for it here would
+        # wait out the whole timeout).
         sample_threads = [t for t in self._threads if t.name.startswith("ingest-sample-")]
         for q in self._events:
             _put_stop(q, deadline)

@@ -274,6 +274,28 @@ def test_stop_drains_every_queue_then_refuses(fake):
     assert metrics.INGEST_REFUSED.labels(**{"class": "event", "reason": "stopping"})._value.get() == refused_before + 1
 
 
+def test_stop_of_an_idle_dispatcher_does_not_wait_out_its_timeout():
+    # The sample writer gets its stop only after the sample workers ended: stop() once counted the
+    # writer among those workers and waited its whole timeout for it (every server took 30 s to stop).
+    class Batching(FakeIngest):  # the real service's shape: samples validated, then written in batches
+        def validate_sample(self, event):
+            return event
+
+        def store_samples(self, rows):
+            return list(rows)
+
+    d = _dispatcher(Batching(), flush_interval=60, sample_workers=2)
+    assert any(t.name.endswith("writer") for t in d._threads)
+    threads = list(d._threads)
+    result = []
+    stopper = threading.Thread(target=lambda: result.append(d.stop(120)))
+    stopper.start()
+    stopper.join(30)  # a deadlock detector, not a speed bound: stop() needs milliseconds here
+    assert not stopper.is_alive()
+    assert result == [{"heartbeat": 0, "event": 0, "sample": 0, "drift": 0}]
+    assert not [t.name for t in threads if t.is_alive()]
+
+
 def test_lag_is_measured_from_the_message_timestamp(fake):
     now = datetime(2030, 1, 1, tzinfo=UTC)
     d = IngestDispatcher(fake, DispatcherConfig(flush_interval=60), clock=lambda: now)
