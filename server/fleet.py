@@ -383,7 +383,7 @@ def _has_label(kind: str, values: Iterable[str]):
 def device_query(
     *, groups: Sequence[str] = (), tags: Sequence[str] = (), online: bool | None = None,
     gpu_compute_capability: str | None = None, tensorrt_version: str | None = None,
-    agent_version: str | None = None, revoked: bool | None = None,
+    agent_version: str | None = None, revoked: bool | None = None, id_contains: str | None = None,
 ) -> Select:
     """Devices matching every given filter: in ANY of ``groups``, carrying ALL of ``tags``, and the
     exact hardware/agent values. Ordered by id. The rollout selector builds on this."""
@@ -403,6 +403,8 @@ def device_query(
         query = query.where(Device.agent_version == agent_version)
     if revoked is not None:
         query = query.where(Device.revoked.is_(revoked))
+    if id_contains:
+        query = query.where(func.lower(Device.id).contains(id_contains.lower(), autoescape=True))
     return query.order_by(Device.id)
 
 

@@ -243,11 +243,13 @@ def list_devices(
     tensorrt_version: str | None = Query(None, description="exact, e.g. 10.3.0"),
     agent_version: str | None = Query(None),
     revoked: bool | None = Query(None, description="only revoked (true) or only active (false) devices"),
+    q: str | None = Query(None, max_length=64, description="device id contains this (any case)"),
     limit: int = Query(100, ge=1, le=1000), offset: Offset = 0,
 ) -> Page[DeviceInfo]:
     """Devices ordered by id, with hardware, versions, labels, last seen and online state."""
     query = fleet.device_query(groups=group, tags=tag, online=online, gpu_compute_capability=gpu_compute_capability,
-                               tensorrt_version=tensorrt_version, agent_version=agent_version, revoked=revoked)
+                               tensorrt_version=tensorrt_version, agent_version=agent_version, revoked=revoked,
+                               id_contains=q)
     with ctx.sessions() as session:
         total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
         rows = session.scalars(query.limit(limit).offset(offset)).all()

@@ -207,35 +207,76 @@
     const keep = sel.value;
     if (setHTML(sel, html)) sel.value = values.includes(keep) ? keep : "";
   }
-  function renderFleet() {
-    const f = S.fleet;
-    if (!f) return;
-    fillSelect($("f-group"), f.groups);
-    fillSelect($("f-tag"), f.tags);
-    const flt = S.filter;
-    const rows = f.devices.filter((d) => (!flt.group || d.groups.includes(flt.group)) && (!flt.tag || d.tags.includes(flt.tag))
-      && (!flt.online || (flt.online === "revoked" ? d.revoked : flt.online === "online" ? d.online : !d.online && !d.revoked))
-      && (!flt.text || d.id.toLowerCase().includes(flt.text.toLowerCase())));
+  // The device table is one page of GET /api/v1/devices, filtered on the server: the live "fleet"
+  // topic carries only aggregates, and each change of it (or of the filters) fetches the page again,
+  // at most every FLEET_REFRESH_MS, so a 10,000-device fleet costs one page per refresh.
+  const FLEET_PAGE = 100, FLEET_REFRESH_MS = 2000;
+  const F = { offset: 0, page: null, key: "", loading: false, again: false, lastLoad: 0, timer: null, error: "" };
+  function fleetParams() {
+    const flt = S.filter, q = new URLSearchParams({ limit: String(FLEET_PAGE), offset: String(F.offset) });
+    if (flt.group) q.set("group", flt.group);
+    if (flt.tag) q.append("tag", flt.tag);
+    if (flt.online === "online") q.set("online", "true");
+    else if (flt.online === "offline") { q.set("online", "false"); q.set("revoked", "false"); }
+    else if (flt.online === "revoked") q.set("revoked", "true");
+    if (flt.text) q.set("q", flt.text.slice(0, 64));
+    return q.toString();
+  }
+  async function loadFleetPage() {
+    if (F.loading) { F.again = true; return; }
+    F.loading = true;
+    const key = fleetParams();
+    try {
+      F.page = await api("GET", "/api/v1/devices?" + key);
+      F.key = key;
+      F.error = "";
+    } catch (e) { F.error = String(e.message || e); }
+    F.loading = false;
+    F.lastLoad = Date.now();
+    if (S.tab === "fleet") renderFleetTable();
+    if (F.again) { F.again = false; refreshFleetPage(true); }
+  }
+  function refreshFleetPage(now) {
+    if (now) { clearTimeout(F.timer); F.timer = null; loadFleetPage(); return; }
+    if (F.timer) return;
+    F.timer = setTimeout(() => { F.timer = null; loadFleetPage(); }, Math.max(0, F.lastLoad + FLEET_REFRESH_MS - Date.now()));
+  }
+  function renderFleetTable() {
+    const f = S.fleet, page = F.page;
     const head = `<thead><tr><th>Device</th><th>State</th><th>Agent</th><th>Active</th><th>Candidate</th><th>Update</th>
       <th class="num">fps</th><th class="num">p50 ms</th><th class="num">p99 ms</th><th class="num">Spool</th><th>GPU · TRT</th><th>Last seen</th></tr></thead>`;
+    const rows = page ? page.items : [];
     const body = rows.map((d) => {
+      const hb = d.heartbeat || {}, hw = d.hardware || {};
       const state = d.revoked ? "revoked" : d.online ? "online" : "offline";
       const labels = d.groups.map((g) => chip(g, "info")).join("") + d.tags.map((t) => chip(t, "")).join("");
       return `<tr data-device="${esc(d.id)}"><td><b>${esc(d.id)}</b><br>${labels}</td>
         <td><span class="dot ${d.revoked ? "revoked" : d.online ? "on" : ""}"></span>${esc(state)}</td>
         <td>${esc(d.agent_version || "–")}</td><td>${d.active_version ? "v" + esc(d.active_version) : "–"}</td>
         <td>${d.candidate_version ? "v" + esc(d.candidate_version) : "–"}</td><td>${d.update_state ? chip(d.update_state, d.update_state.toLowerCase()) : "–"}</td>
-        <td class="num">${num(d.fps, 1)}</td><td class="num">${num(d.latency_ms_p50, 1)}</td><td class="num">${num(d.latency_ms_p99, 1)}</td>
-        <td class="num">${esc(d.spool_depth ?? "–")}</td>
-        <td><small>${esc(d.gpu_compute_capability ? "CC " + d.gpu_compute_capability : d.gpu || "cpu")}${d.tensorrt_version ? " · " + esc(d.tensorrt_version) : ""}</small></td>
+        <td class="num">${num(hb.fps, 1)}</td><td class="num">${num(hb.latency_ms_p50, 1)}</td><td class="num">${num(hb.latency_ms_p99, 1)}</td>
+        <td class="num">${esc(hb.spool_depth ?? "–")}</td>
+        <td><small>${esc(hw.gpu_compute_capability ? "CC " + hw.gpu_compute_capability : hw.gpu || "cpu")}${hw.tensorrt_version ? " · " + esc(hw.tensorrt_version) : ""}</small></td>
         <td>${ts(d.last_seen)}</td></tr>`;
-    }).join("") || empty(f.total ? "no device matches the filters" : "no devices enrolled yet", 12);
+    }).join("") || empty(!page ? (F.error ? "" : "loading…") : f && f.total ? "no device matches the filters" : "no devices enrolled yet", 12);
     setHTML($("fleet-table"), head + `<tbody>${body}</tbody>`);
-    setHTML($("fleet-shown"), `${rows.length} shown of ${f.total}${f.shown < f.total ? ` (first ${f.shown} loaded)` : ""}`);
+    const first = page && page.total ? page.offset + 1 : 0, last = page ? page.offset + rows.length : 0;
+    const pager = page && page.total > FLEET_PAGE
+      ? ` <button type="button" data-fleet-page="-1"${page.offset ? "" : " disabled"}>‹ prev</button><button type="button" data-fleet-page="1"${last < page.total ? "" : " disabled"}>next ›</button>` : "";
+    setHTML($("fleet-shown"), F.error ? `<span class="bad">${esc(F.error)}</span>`
+      : page ? `${first}–${last} of ${page.total}${f && page.total !== f.total ? ` matching (${f.total} in all)` : ""}${pager}` : "");
+  }
+  function renderFleet() {
+    const f = S.fleet;
+    if (!f) return;
+    fillSelect($("f-group"), f.groups);
+    fillSelect($("f-tag"), f.tags);
     const groups = Object.entries(f.online_per_group || {}).map(([g, n]) => `<tr><td>${g ? esc(g) : "<i>no group</i>"}</td><td class="num">${n}</td></tr>`).join("");
     setHTML($("fleet-counts"), `<h2>Fleet</h2><p><span class="big good">${f.by_state.online}</span> online ·
       <b>${f.by_state.offline}</b> offline · <b>${f.by_state.revoked}</b> revoked</p>
       <table class="dense"><thead><tr><th>group</th><th class="num">online</th></tr></thead><tbody>${groups || empty("none online", 2)}</tbody></table>`);
+    renderFleetTable();
+    refreshFleetPage(F.key !== fleetParams());
   }
   function renderFleetChart() {
     const t = S.trends;
@@ -440,12 +481,12 @@
     else if (lin) {
       const snaps = lin.snapshots.map((s) => `<div class="node"><b>snapshot ${esc(String(s.id).slice(0, 12))}</b><br><small>${esc(s.samples)} images · ${ts(s.created_at)}</small><br>
         <small>${Object.entries(s.devices || {}).map(([d, n]) => `${esc(d)}: ${n}`).join(" · ") || "no device samples"}</small></div>`).join('<span class="arrow">←</span>');
-      const running = (S.fleet ? S.fleet.devices.filter((d) => d.active_version === m.version) : []).map((d) => d.id);
-      const shadow = (S.fleet ? S.fleet.devices.filter((d) => d.candidate_version === m.version) : []).map((d) => d.id);
+      const running = S.fleet ? S.fleet.active_versions[String(m.version)] || 0 : 0;
+      const shadow = S.fleet ? S.fleet.candidate_versions[String(m.version)] || 0 : 0;
       lineage = `<div class="lineage">${snaps || '<div class="node">no training snapshot (registered from outside)</div>'}
         <span class="arrow">→</span><div class="node"><b>job</b> ${lin.job_id ? "#" + esc(lin.job_id) : "–"}<br><small>parent ${lin.parent_version ? "v" + esc(lin.parent_version) : "–"}</small></div>
         <span class="arrow">→</span><div class="node"><b>v${esc(m.version)}</b><br><small>${lin.approved_by ? "approved by " + esc(lin.approved_by) : "not approved"}</small></div>
-        <span class="arrow">→</span><div class="node"><b>devices</b><br><small>active: ${running.map(esc).join(", ") || "none"}</small><br><small>shadow: ${shadow.map(esc).join(", ") || "none"}</small></div></div>`;
+        <span class="arrow">→</span><div class="node"><b>devices</b><br><small>active on ${running} device${running === 1 ? "" : "s"}</small><br><small>in shadow on ${shadow}</small></div></div>`;
     }
     const sets = evalSets(m).filter((s) => (m.metrics[s] || {}).per_class);
     setHTML($("model-detail"), `<div class="card"><div class="toolbar"><h2>v${esc(m.version)} ${chip(m.status)}</h2>
@@ -551,12 +592,15 @@
     if (!d || !d.per_day.length) { noChart("samples", el, "no samples in the last 14 days"); return; }
     const xs = d.per_day.map((p) => Date.parse(p.day + "T00:00:00Z") / 1000);
     const tot = d.per_day.map((p) => Object.entries(p).filter(([k]) => k !== "day").reduce((a, [, v]) => a + v, 0));
+    // A fixed 14-day axis, half a day either side: uPlot's own range for one point spans years.
+    const day = 86400, today = Date.parse(new Date().toISOString().slice(0, 10) + "T00:00:00Z") / 1000;
+    const x0 = Math.min(xs[0], today - 13 * day) - day / 2, x1 = Math.max(xs[xs.length - 1], today) + day / 2;
     chart("samples", el, [
       { label: "received", bars: true, color: "#38bdf8", fill: "#38bdf855", digits: 0 },
       { label: "validated", color: "#4ade80", digits: 0, points: true },
       { label: "rejected", color: "#f87171", digits: 0, points: true },
     ], [xs, tot, d.per_day.map((p) => p.validated || 0), d.per_day.map((p) => p.rejected || 0)],
-    { scales: { x: { time: true }, y: { range: (u, mn, mx) => [0, Math.max(1, mx * 1.1)] } } });
+    { scales: { x: { time: true, range: () => [x0, x1] }, y: { range: (u, mn, mx) => [0, Math.max(1, mx * 1.1)] } } });
   }
 
   // ------------------------------------------------------------------ pipeline
@@ -708,7 +752,13 @@
   document.querySelectorAll("nav.tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
   window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
   [["f-group", "group"], ["f-tag", "tag"], ["f-online", "online"], ["f-text", "text"]].forEach(([id, key]) =>
-    $(id).addEventListener("input", (ev) => { S.filter[key] = ev.target.value; renderFleet(); }));
+    $(id).addEventListener("input", (ev) => { S.filter[key] = ev.target.value; F.offset = 0; refreshFleetPage(true); }));
+  $("fleet-shown").addEventListener("click", (ev) => {
+    const b = ev.target.closest("button[data-fleet-page]");
+    if (!b || !F.page) return;
+    F.offset = Math.max(0, F.offset + Number(b.dataset.fleetPage) * FLEET_PAGE);
+    refreshFleetPage(true);
+  });
   let resizeTimer = null;
   window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(() => RENDER[S.tab](), 200); });
   setInterval(() => document.querySelectorAll("time[data-ts]").forEach((t) => { t.textContent = ago(t.dataset.ts); }), 1000);

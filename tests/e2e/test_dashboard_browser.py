@@ -260,13 +260,19 @@ def test_every_tab_draws_without_script_errors(plant, browser):
         ui.tab("fleet")
         ui.page.wait_for_selector(f'#fleet-table tr[data-device="{DEVICES[0]}"]')
         ui.page.select_option("#f-group", "line-2")
-        assert ui.page.locator("#fleet-table tr[data-device]").count() == 2
+        # Filtered on the server: the page comes back with the group's two devices.
+        ui.page.wait_for_function("""() => document.querySelectorAll('#fleet-table tr[data-device]').length === 2
+            && document.querySelector('#fleet-shown').textContent.startsWith('1–2 of 2')""")
         ui.tab("data")
         ui.page.wait_for_selector("#data-gallery figure canvas")
         ui.page.wait_for_function("""() => { const c = document.querySelector('#data-gallery canvas');
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
             return d.some(v => v !== 0 && v !== 255); }""")  # the frame and its boxes were drawn
         ui.page.wait_for_selector("#chart-samples .uplot")
+        # The samples-per-day axis is the last 14 days (it once spanned 2027 to 2029 for one day).
+        span_days = ui.page.evaluate("""() => { const x = window.edgeloopDashboard.state.charts.samples.u.scales.x;
+            return (x.max - x.min) / 86400; }""")
+        assert 13 <= span_days <= 15, span_days
         ui.tab("drift")
         ui.page.wait_for_selector("#drift-charts .uplot")
         ui.page.wait_for_selector("#drift-events td")

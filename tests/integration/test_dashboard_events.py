@@ -62,19 +62,24 @@ def _add_device(server: LiveServer, device_id: str, **fields) -> None:
 
 
 def test_stream_sends_every_topic_once_then_only_the_topics_that_changed(server):
-    reader = _stream(server, server.token(Role.VIEWER, "vera"))
+    viewer = server.token(Role.VIEWER, "vera")
+    reader = _stream(server, viewer)
     try:
         assert reader.status == 200
         first = _initial(reader)
         assert first["data"]["threshold"] == server.ctx.settings.retrain_threshold
         assert first["rollouts"].keys() >= {"available", "items"}
+        assert "devices" not in first["fleet"]  # aggregates only: the table pages the inventory API
         device_id = f"cam-{uuid.uuid4().hex[:6]}"
         _add_device(server, device_id, online=True, last_seen=datetime.now(UTC), agent_version="0.1.0",
                     last_heartbeat={"fps": 24.5, "latency_ms_p50": 4.1, "latency_ms_p99": 9.8, "spool_depth": 3})
-        event, before = reader.until(lambda e: e.event == "fleet" and any(
-            d["id"] == device_id for d in e.json()["devices"]))
-        device = next(d for d in event.json()["devices"] if d["id"] == device_id)
-        assert (device["online"], device["fps"], device["latency_ms_p99"], device["spool_depth"]) == (True, 24.5, 9.8, 3)
+        event, before = reader.until(lambda e: e.event == "fleet" and e.json()["total"] == first["fleet"]["total"] + 1)
+        assert event.json()["by_state"]["online"] == first["fleet"]["by_state"]["online"] + 1
+        page = httpx.get(f"{server.url}/api/v1/devices", params={"q": device_id.upper()},
+                         headers={"Authorization": f"Bearer {viewer}"}).json()
+        assert [d["id"] for d in page["items"]] == [device_id]  # the table's search, on the server
+        hb = page["items"][0]["heartbeat"]
+        assert (page["items"][0]["online"], hb["fps"], hb["latency_ms_p99"], hb["spool_depth"]) == (True, 24.5, 9.8, 3)
         # Nothing else changed: no other topic is sent again (trends carry the clock, so they may).
         later = reader.drain(live_views.TOPICS["models"][0] + 1.5)
         assert {e.event for e in before + later} <= {"fleet", "trends"}
@@ -289,7 +294,8 @@ def test_every_view_builds_on_postgresql(postgres, s3_store, tmp_path):
         settings = ServerSettings(data_dir=tmp_path, retrain_threshold=50)
         with ctx.sessions() as session:
             views = {topic: build(session, settings) for topic, (_, build) in live_views.TOPICS.items()}
-        assert [d["id"] for d in views["fleet"]["devices"]] == plant["devices"]
+        assert views["fleet"]["total"] == len(plant["devices"]) == 4
+        assert sum(views["fleet"]["active_versions"].values()) == 4
         assert views["fleet"]["by_state"]["online"] == 3 and views["fleet"]["groups"] == ["line-a", "line-b"]
         assert views["models"]["aliases"] == {"production": 1, "candidate": 2}
         assert views["data"]["pending"] >= 1 and views["data"]["threshold"] == 50
