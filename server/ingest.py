@@ -15,7 +15,7 @@ from protocol import ProtocolError, decode_message
 from protocol.messages import DriftReport, Heartbeat, SampleEvent, ShadowReport, StatusMessage, UpdateEvent
 from server import metrics
 from server.db.models import Deployment, Device, Sample, utcnow
-from server.objectstore import ObjectStoreError
+from server.objectstore import ObjectNotFoundError, ObjectStoreError, ObjectTooLargeError
 from server.sample_validation import ImageLimits, SampleRejected, check_image, check_labels, check_object_key
 
 log = structlog.get_logger(__name__)
@@ -224,13 +224,16 @@ class IngestService:
             raise SampleRejected(f"unknown or revoked device {event.device_id!r}")
         check_object_key(event)
         check_labels(event.labels, self._class_names)
-        stat = self._store.stat(event.object_key)
-        if stat is None:
-            raise SampleRejected(f"object {event.object_key!r} does not exist in the object store")
-        size = stat[0]
-        if size > self._limits.max_bytes:
-            raise SampleRejected(f"object is {size} bytes, over the {self._limits.max_bytes}-byte limit")
-        data = self._store.get_bytes(event.object_key, max_bytes=self._limits.max_bytes)
+        # One GET, no HEAD first: get_bytes refuses an object over the limit from its Content-Length
+        # (or once the stream passes it) without reading further.
+        try:
+            data = self._store.get_bytes(event.object_key, max_bytes=self._limits.max_bytes)
+        except ObjectNotFoundError as exc:
+            if exc.code == "NoSuchBucket":
+                raise  # the store is misconfigured, not the sample missing: unverified, re-checked
+            raise SampleRejected(f"object {event.object_key!r} does not exist in the object store") from None
+        except ObjectTooLargeError:
+            raise SampleRejected(f"object is over the {self._limits.max_bytes}-byte limit") from None
         check_image(data, event, self._limits)
 
     # ------------------------------------------------------------------ device state

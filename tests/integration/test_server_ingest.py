@@ -93,8 +93,14 @@ def test_samples_are_ingested_and_bad_ones_rejected_with_reasons(server, mqtt_br
     label_img = _jpeg(2)
     label_key = _upload(server, creds, label_img)
     box = [Box(cls=1, cx=0.5, cy=0.5, w=0.2, h=0.2)]
+    # Over the size limit (put behind the grant's back): refused from the GET's Content-Length.
+    limit = server.app.state.ctx.settings.max_sample_bytes
+    oversized = good + b"\0" * limit
+    oversized_key = f"images/{creds['device_id']}/ab/{hashlib.sha256(oversized).hexdigest()}.jpg"
+    server.app.state.ctx.store.put_bytes(oversized_key, oversized, "image/jpeg")
 
     events = {
+        "oversized": _event(creds, good, oversized_key, box),  # the event claims the small image
         "good": _event(creds, good, good_key, box),
         "missing": _event(creds, good, f"images/{creds['device_id']}/ab/{'0' * 64}.jpg", box),
         "undecodable": _event(creds, garbage, garbage_key, box),
@@ -120,11 +126,12 @@ def test_samples_are_ingested_and_bad_ones_rejected_with_reasons(server, mqtt_br
     assert len(items) == len(events)
     assert items[events["good"].sample_id]["status"] == "validated"
     assert "does not exist" in items[events["missing"].sample_id]["reject_reason"]
+    assert f"over the {limit}-byte limit" in items[events["oversized"].sample_id]["reject_reason"]
     assert "does not decode" in items[events["undecodable"].sample_id]["reject_reason"]
     assert "class id 7 is outside the class list" in items[events["bad_class"].sample_id]["reject_reason"]
     overview = server.get("/api/v1/overview").json()
     assert overview["samples"]["pending"] == 1
-    assert overview["samples"]["by_status"] == {"validated": 1, "rejected": 3}
+    assert overview["samples"]["by_status"] == {"validated": 1, "rejected": 4}
 
 
 def test_device_token_cannot_act_as_another_device_or_operator(server):

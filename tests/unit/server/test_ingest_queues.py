@@ -371,16 +371,18 @@ def test_dispatcher_in_front_of_the_real_service(service):
 
 
 class _Store:
-    """ObjectStore's stat/get_bytes over a dict."""
+    """ObjectStore's get_bytes over a dict, with its refusals."""
 
     def __init__(self, objects: dict[str, bytes]) -> None:
         self.objects = objects
 
-    def stat(self, key):
-        data = self.objects.get(key)
-        return None if data is None else (len(data), "")
-
     def get_bytes(self, key, max_bytes=None):
+        from server.objectstore import ObjectNotFoundError, ObjectTooLargeError
+
+        if key not in self.objects:
+            raise ObjectNotFoundError(f"{key} does not exist", code="NoSuchKey")
+        if max_bytes is not None and len(self.objects[key]) > max_bytes:
+            raise ObjectTooLargeError(f"{key} is more than {max_bytes} bytes")
         return self.objects[key]
 
 
