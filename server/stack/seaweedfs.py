@@ -34,6 +34,7 @@ S3_CONFIG_NAME = "s3.json"
 DATA_NAME = "data"
 LOG_DIR_NAME = "logs"
 OUTPUT_NAME = "weed.out.log"
+MAX_VOLUMES = 10_000
 PID_NAME = "weed.pid"
 
 
@@ -72,6 +73,10 @@ def weed_command(
         f"-ip={host}",
         f"-ip.bind={host}",
         "-master.telemetry=false",
+        # Every bucket takes a volume of its own, and the default cap is free disk / 1 GiB: on a
+        # 60 GB disk the 62nd bucket's writes fail with 500 InternalError. Volumes are files that
+        # grow as they fill, so a high cap costs nothing until used.
+        f"-volume.max={MAX_VOLUMES}",
     ]
     for component in ("master", "volume", "filer", "s3"):
         port = int(ports[component])

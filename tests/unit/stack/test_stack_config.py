@@ -190,6 +190,7 @@ def test_weed_command_is_isolated_and_quiet(tmp_path):
         "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1",
         "-master.telemetry=false",
+        "-volume.max=10000",  # not free disk / 1 GiB: one volume per bucket
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-webdav=false",
