@@ -116,12 +116,6 @@ def database_url(request, tmp_path) -> str:
     """The same test on SQLite and on a fresh database of the session's PostgreSQL cluster."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'edgeloop.db'}"
-    base = request.getfixturevalue("postgres")
-    import sqlalchemy
+    from fleet_kit import fresh_postgres_database
 
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return base.rsplit("/", 1)[0] + "/" + name
+    return fresh_postgres_database(request.getfixturevalue("postgres"))

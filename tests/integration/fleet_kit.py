@@ -50,6 +50,18 @@ def running_broker(prefix: str = "edgeloop-mosquitto-", **options) -> Iterator:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def fresh_postgres_database(base_url: str) -> str:
+    """A new, empty database on the PostgreSQL cluster at ``base_url``; returns its SQLAlchemy URL."""
+    import sqlalchemy
+
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    engine = sqlalchemy.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return base_url.rsplit("/", 1)[0] + "/" + name
+
+
 def wait_for(what: str, check: Callable[[], object], timeout: float = 15.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 pytest.register_assert_rewrite("fleet_kit", "dashboard_kit")
 from dashboard_kit import LiveServer, SseReader, seed_dashboard, wait_for  # noqa: E402
-from fleet_kit import ADMIN, server_settings  # noqa: E402
+from fleet_kit import ADMIN, fresh_postgres_database, server_settings  # noqa: E402
 
 from server.api import events as live_events  # noqa: E402
 from server.api import live_views  # noqa: E402
@@ -276,17 +276,10 @@ def test_every_view_builds_on_postgresql(postgres, s3_store, tmp_path):
     """The views' SQL (date buckets, grouped latest rows) on PostgreSQL too, over a seeded plant."""
     from types import SimpleNamespace
 
-    import sqlalchemy
-
     from server.db.session import make_engine, make_session_factory, upgrade_schema
     from server.settings import ServerSettings
 
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(postgres, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    engine = make_engine(postgres.rsplit("/", 1)[0] + "/" + name)
+    engine = make_engine(fresh_postgres_database(postgres))
     try:
         upgrade_schema(engine)
         ctx = SimpleNamespace(sessions=make_session_factory(engine), store=s3_store)

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy
 
 pytest.register_assert_rewrite("fleet_kit")
-from fleet_kit import ADMIN, running_broker, wait_for  # noqa: E402
+from fleet_kit import ADMIN, fresh_postgres_database, running_broker, wait_for  # noqa: E402
 
 from edgeloop.simulator.credentials import device_ids, enroll  # noqa: E402
 from edgeloop.simulator.fleet import Fleet, FleetConfig  # noqa: E402
@@ -93,12 +92,7 @@ class Replica:
 
 @pytest.fixture
 def replicas(postgres, seaweedfs, tmp_path):
-    name = f"r_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(postgres, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    database_url = postgres.rsplit("/", 1)[0] + "/" + name
+    database_url = fresh_postgres_database(postgres)
     with running_broker(prefix="edgeloop-replicas-") as broker:
         common = {
             **os.environ, "EDGELOOP_DATABASE_URL": database_url, "EDGELOOP_ADMIN_TOKEN": ADMIN,
