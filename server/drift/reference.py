@@ -44,6 +44,10 @@ def components_of(reference: DriftReference) -> dict[str, Component]:
             for name, c in reference.components.items()}
 
 
+class NoReferenceInputs(ValueError):
+    """A reference cannot be computed for this version (no weights, no data): a fact, not a fault."""
+
+
 class ReferenceService:
     def __init__(self, sessions: sessionmaker[Session], store, settings: ServerSettings, *,
                  python: str = sys.executable, timeout_seconds: int = 1800) -> None:
@@ -138,6 +142,9 @@ class ReferenceService:
                 return
             try:
                 self.build(version)
+            except NoReferenceInputs as exc:  # marked failed with its reason; no traceback in the log
+                log.warning("drift.reference_unavailable", version=version, reason=str(exc))
+                self._mark(version, "failed", f"{type(exc).__name__}: {exc}")
             except Exception as exc:
                 log.exception("drift.reference_failed", version=version)
                 self._mark(version, "failed", f"{type(exc).__name__}: {exc}")
@@ -159,7 +166,7 @@ class ReferenceService:
         with self._sessions() as session:
             mv = session.get(ModelVersion, version)
             if mv is None or not mv.pt_key:
-                raise ValueError(f"model version {version} has no stored weights")
+                raise NoReferenceInputs(f"model version {version} has no stored weights")
             pt_key, snapshot_id = mv.pt_key, mv.snapshot_id
             imgsz, classes = mv.imgsz, len(mv.class_names or s.class_names)
         work = s.data_dir / "drift" / f"reference-{version:06d}"
@@ -179,7 +186,7 @@ class ReferenceService:
                 if count:
                     args += ["--images", f"new={work / 'new' / 'images'}"]
             if "--data" not in args and "--images" not in args:
-                raise ValueError("no training data to compute a reference from: set replay_data or eval_sets.golden")
+                raise NoReferenceInputs("no training data to compute a reference from: set replay_data or eval_sets.golden")
             proc = subprocess.run(args, capture_output=True, text=True, timeout=self._timeout, cwd=work)
             if proc.returncode != 0:
                 raise RuntimeError(f"training.drift_reference exited {proc.returncode}: {proc.stderr[-2000:]}")
