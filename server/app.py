@@ -74,7 +74,7 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
     ctx.drift = make_drift_monitor(ctx, key)
     ctx.signing_key = key
     converge = settings.auto_deploy if settings.converge_to_production is None else settings.converge_to_production
-    if converge and settings.replica_role == "primary":
+    if converge and settings.is_primary:
         from server.fleet_convergence import make_fleet_convergence
 
         ctx.convergence = make_fleet_convergence(ctx, key)
@@ -93,7 +93,7 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
                           settings.mqtt_password.get_secret_value(), settings.resolved_mqtt_client_id(),
                           ctx.ingest.handle, str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None,
                           sink=dispatcher.submit if dispatcher is not None else None,
-                          shared_group=settings.mqtt_shared_group, primary=settings.replica_role == "primary")
+                          shared_group=settings.mqtt_shared_group, primary=settings.is_primary)
         alerts.publish = ctx.bus.publish
     return ctx
 
@@ -116,13 +116,12 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
             ctx.ingest_dispatcher.start()
         if ctx.bus is not None:
             ctx.bus.start()
-        primary = settings.replica_role == "primary"
-        if primary:  # an ingest replica queues retrains (API, thresholds); the primary's worker runs them
+        if settings.is_primary:  # an ingest replica queues retrains (API, thresholds); the primary's worker runs them
             ctx.scheduler.start()
         ctx.rollouts.start()  # every replica: each rollout is driven by the one holding its lease
         if ctx.convergence is not None:
             ctx.convergence.start()
-        if primary:
+        if settings.is_primary:
             ctx.ingest.start_rechecker()
         log.info("server.started", url=settings.resolved_public_url(), db=settings.resolved_database_url(),
                  role=settings.replica_role, shared_group=settings.mqtt_shared_group)

@@ -136,6 +136,7 @@ class IngestDispatcher:
         self._seq = 0  # only the network thread submits; the lock guards tests that submit from several
         self._submit_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._sample_threads: list[threading.Thread] = []  # stop() ends these before the writer
         self._accepting = False
         self._stopping = threading.Event()
         self._flushed = threading.Condition()
@@ -271,9 +272,11 @@ class IngestDispatcher:
         specs += [(f"ingest-sample-{i}", self._work, q, SAMPLE) for i, q in enumerate(self._samples)]
         specs += [("ingest-drift", self._work, self._drift, DRIFT)]
         for name, target, q, cls in specs:
-            self._threads.append(threading.Thread(target=target, args=(q, cls), name=name, daemon=True))
+            thread = threading.Thread(target=target, args=(q, cls), name=name, daemon=True)
+            self._threads.append(thread)
+            if cls == SAMPLE:
+                self._sample_threads.append(thread)
         if self._batch_samples:
-            # Not "ingest-sample-*": stop() waits for the sample workers before it stops the writer.
             self._threads.append(threading.Thread(target=self._write_samples, name="ingest-writer",
                                                   daemon=True))
         self._threads.append(threading.Thread(target=self._flush_loop, name="ingest-heartbeats", daemon=True))
@@ -285,15 +288,14 @@ class IngestDispatcher:
         self._accepting = False
         self._stopping.set()
         deadline = time.monotonic() + timeout
-        # The sample workers only: the writer gets its stop after them (waiting for it here would
-        # wait out the whole timeout).
-        sample_threads = [t for t in self._threads if t.name.startswith("ingest-sample-")]
         for q in self._events:
             _put_stop(q, deadline)
         for q in self._samples:
             _put_stop(q, deadline)
         _put_stop(self._drift, deadline)
-        for thread in sample_threads:  # validated rows are all with the writer once these end
+        # The sample workers only: the writer gets its stop after them (waiting for it here would
+        # wait out the whole timeout).
+        for thread in self._sample_threads:  # validated rows are all with the writer once these end
             thread.join(max(0.0, deadline - time.monotonic()))
         if self._batch_samples:
             _put_stop(self._sample_rows, deadline)
@@ -303,7 +305,7 @@ class IngestDispatcher:
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive or any(left.values()):
             log.warning("ingest.stop_incomplete", left=left, threads=alive)
-        self._threads = []
+        self._threads, self._sample_threads = [], []
         return left
 
     def drain(self, timeout: float = 10.0) -> bool:

@@ -36,8 +36,8 @@ class MqttBus:
         primary: bool = True,
     ) -> None:
         """With ``shared_group`` this server is one replica of several sharing the device traffic
-        (:func:`protocol.server_subscriptions`). ``handler`` runs each message on paho's network thread and paho acknowledges it when it
-        returns. With ``sink`` (the ingest dispatcher) the network thread only hands the message over
+        (:func:`protocol.server_subscriptions`). ``handler`` runs each message on paho's network
+        thread and paho acknowledges it when it returns. With ``sink`` (the ingest dispatcher) the network thread only hands the message over
         and the sink acknowledges a QoS 1 message once it is handled (paho's ``manual_ack``)."""
         self._handler = handler
         self._sink = sink

@@ -319,6 +319,10 @@ class ServerSettings(BaseSettings):
             raise ValueError("replica_role 'ingest' needs mqtt_shared_group (the replicas' $share group)")
         return self
 
+    @property
+    def is_primary(self) -> bool:
+        return self.replica_role == "primary"
+
     def resolved_mqtt_client_id(self) -> str:
         return self.mqtt_client_id or self.mqtt_username
 
