@@ -34,10 +34,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+from dashboard_kit import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (the browser test's Chromium)
 
 ADMIN = "bench-admin-" + uuid.uuid4().hex
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 GROUPS = 20
 
 

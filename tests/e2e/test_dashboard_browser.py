@@ -24,15 +24,12 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 pytest.register_assert_rewrite("dashboard_kit")
-from dashboard_kit import LiveServer, SimulatedDevice, seed_dashboard, wait_for  # noqa: E402
+from dashboard_kit import CHROMIUM, CHROMIUM_ARGS, LiveServer, SimulatedDevice, seed_dashboard, wait_for  # noqa: E402
 
 from server.auth import Role  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
 ADMIN = "dashboard-e2e-admin-token"
 DEVICES = ["line1-cam1", "line1-cam2", "line2-cam1", "line2-cam2"]
 WAVES = [{"name": "canary", "count": 1}, {"name": "half", "percent": 50}, {"name": "all", "percent": 100}]

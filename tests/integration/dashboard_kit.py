@@ -20,6 +20,11 @@ import httpx
 from server.auth import Role, issue_token
 from server.stack.ports import find_free_port
 
+# Debian's Chromium, as the browser test and benchmarks/dashboard.py drive it.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
 
 def wait_for(what: str, check: Callable[[], object], timeout: float = 20.0, interval: float = 0.1):
     deadline = time.monotonic() + timeout
