@@ -70,7 +70,7 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
     from server.rollouts.controller import make_rollout_controller
 
     ctx.rollouts = make_rollout_controller(ctx, key)
-    ctx.ingest.on_device_message = ctx.rollouts.observe
+    ctx.ingest.rollouts = ctx.rollouts
     ctx.drift = make_drift_monitor(ctx, key)
     ctx.signing_key = key
     converge = settings.auto_deploy if settings.converge_to_production is None else settings.converge_to_production
@@ -85,7 +85,7 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
         policy = settings.ingest
         ctx.ingest_dispatcher = IngestDispatcher(ctx.ingest, DispatcherConfig(
             flush_interval=policy.flush_interval, event_workers=policy.event_workers,
-            sample_workers=policy.sample_workers, event_queue=policy.event_queue, sample_queue=policy.sample_queue,
+            event_batch=policy.event_batch, sample_workers=policy.sample_workers, event_queue=policy.event_queue, sample_queue=policy.sample_queue,
             drift_queue=policy.drift_queue, max_pending_heartbeats=policy.max_pending_heartbeats))
     if connect_mqtt:
         dispatcher = ctx.ingest_dispatcher

@@ -6,9 +6,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Protocol
 
 import structlog
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol import ProtocolError, decode_message
@@ -23,6 +25,20 @@ log = structlog.get_logger(__name__)
 ACTIVE_STATE = "ACTIVE"
 # A sample whose object could not be checked because the store was down when its event came.
 UNVERIFIED = "unverified"
+
+
+# What the dispatcher's event workers handle, in batches (IngestService.process_events).
+DEVICE_EVENTS = (StatusMessage, UpdateEvent, ShadowReport)
+
+
+class ReportRecorder(Protocol):
+    """What ingest tells about device reports (server.rollouts.controller.RolloutController)."""
+
+    def record(self, session: Session, messages: Sequence) -> None:
+        """Write what these reports mean for rollouts, in ingest's transaction (no commit)."""
+
+    def nudge(self) -> None:
+        """Reports were committed: decide soon."""
 
 
 def pending_labeled_samples(session: Session) -> int:
@@ -48,8 +64,8 @@ class IngestService:
         self._limits = limits
         self._threshold = threshold
         self._on_threshold = on_threshold
-        # server.rollouts.controller.RolloutController.observe: status, update and shadow messages.
-        self.on_device_message: Callable[[object], object] | None = None
+        # The rollout controller: records status, update and shadow messages in ingest's transaction.
+        self.rollouts: ReportRecorder | None = None
         self.on_drift: Callable[[DriftReport], object] | None = None  # server.drift.monitor.DriftMonitor.handle
         self._stop = threading.Event()
         self._rechecker: threading.Thread | None = None
@@ -80,18 +96,72 @@ class IngestService:
     def process(self, message) -> None:
         if isinstance(message, SampleEvent):
             self.ingest_sample(message)
-        elif isinstance(message, StatusMessage):
-            self._on_status(message)
         elif isinstance(message, Heartbeat):
             self._on_heartbeat(message)
-        elif isinstance(message, UpdateEvent):
-            self._on_update(message)
-        elif isinstance(message, ShadowReport):
-            self._on_shadow(message)
-        elif isinstance(message, DriftReport) and self.on_drift is not None:
-            self.on_drift(message)
-        if self.on_device_message is not None and isinstance(message, (StatusMessage, UpdateEvent, ShadowReport)):
-            self.on_device_message(message)  # after the device's own rows are written
+        elif isinstance(message, DriftReport):
+            if self.on_drift is not None:
+                self.on_drift(message)
+        elif isinstance(message, DEVICE_EVENTS):
+            self.process_events([message])
+
+    def handle_events(self, items: Sequence[tuple[str, bytes]]) -> list:
+        """Decode and handle a batch of status, update and shadow messages in one transaction (the
+        dispatcher's event workers); returns each item's message (None if refused by the protocol)."""
+        messages = [self.decode(topic, payload) for topic, payload in items]
+        self.process_events([m for m in messages if m is not None])
+        return messages
+
+    def process_events(self, messages: Sequence) -> None:
+        """Status, update and shadow messages, in order: the device's rows, then the rollout
+        controller's record of them, all in one transaction. If that transaction fails, each message
+        is handled again in a transaction of its own, so one bad message costs only itself."""
+        events = [m for m in messages if isinstance(m, DEVICE_EVENTS)]
+        if not events:
+            return
+        try:
+            self._apply_events(events)
+        except Exception:
+            if len(events) == 1:
+                raise
+            log.warning("ingest.event_batch_failed", events=len(events), exc_info=True)
+            for message in events:
+                try:
+                    self._apply_events([message])
+                except IntegrityError as exc:  # e.g. a shadow report another replica stored meanwhile
+                    log.warning("ingest.event_conflict", device=message.device_id, type=message.type,
+                                error=str(exc.orig))
+                except Exception:
+                    log.exception("ingest.handler_failed", device=message.device_id, type=message.type)
+        if self.rollouts is not None:
+            self.rollouts.nudge()
+
+    def _apply_events(self, events: Sequence) -> None:
+        # One SELECT per table for the whole batch, then in-memory updates flushed once at commit
+        # (no autoflush before each lookup): a batch costs a few statements, not a few per event.
+        with self._sessions() as session, session.no_autoflush:
+            ids = {m.device_id for m in events}
+            devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))}
+            commands = {m.update_id for m in events if not isinstance(m, StatusMessage)}
+            deployments = {d.command_id: d for d in session.scalars(
+                select(Deployment).where(Deployment.command_id.in_(commands)))} if commands else {}
+            for message in events:
+                if isinstance(message, ShadowReport):
+                    self._on_shadow(deployments.get(message.update_id), message)
+                    continue
+                device = devices.get(message.device_id)
+                if device is None:
+                    log.warning("ingest.unknown_device", device=message.device_id)
+                elif isinstance(message, StatusMessage):
+                    self._on_status(device, message)
+                else:
+                    self._on_update(device, deployments.get(message.update_id), message)
+            if self.rollouts is not None:
+                self.rollouts.record(session, events)
+            session.commit()
+        for message in events:
+            if isinstance(message, UpdateEvent):
+                log.info("ingest.update", device=message.device_id, version=message.version,
+                         transition=f"{message.from_state}->{message.to_state}", reason=message.reason)
 
     # ------------------------------------------------------------------ samples
 
@@ -244,20 +314,16 @@ class IngestService:
             log.warning("ingest.unknown_device", device=device_id)
         return device
 
-    def _on_status(self, message: StatusMessage) -> None:
-        with self._sessions() as session:
-            device = self._device(session, message.device_id)
-            if device is None:
-                return
-            device.online = message.state == "online"
-            device.last_seen = utcnow()
-            if message.state == "online":
-                device.agent_version = message.agent_version
-                device.active_version = message.active_version
-                device.candidate_version = message.candidate_version
-                if message.hardware is not None:
-                    device.hardware = message.hardware.model_dump()
-            session.commit()
+    @staticmethod
+    def _on_status(device: Device, message: StatusMessage) -> None:
+        device.online = message.state == "online"
+        device.last_seen = utcnow()
+        if message.state == "online":
+            device.agent_version = message.agent_version
+            device.active_version = message.active_version
+            device.candidate_version = message.candidate_version
+            if message.hardware is not None:
+                device.hardware = message.hardware.model_dump()
 
     def _on_heartbeat(self, message: Heartbeat) -> None:
         with self._sessions() as session:
@@ -302,32 +368,21 @@ class IngestService:
             log.warning("ingest.unknown_device", devices=unknown, example=next(i for i in ids if i not in known))
         return len(full) + len(partial)
 
-    def _on_update(self, message: UpdateEvent) -> None:
-        with self._sessions() as session:
-            device = self._device(session, message.device_id)
-            if device is None:
-                return
-            device.update_state = message.to_state
-            device.last_seen = utcnow()
-            if message.active_version is not None:
-                device.active_version = message.active_version
-            deployment = session.scalar(select(Deployment).where(Deployment.command_id == message.update_id))
-            if deployment is not None and deployment.device_id == message.device_id:
-                deployment.state = message.to_state
-                deployment.reason = message.reason
-                deployment.updated_at = utcnow()
-            session.commit()
-        log.info(
-            "ingest.update", device=message.device_id, version=message.version,
-            transition=f"{message.from_state}->{message.to_state}", reason=message.reason,
-        )
-
-    def _on_shadow(self, message: ShadowReport) -> None:
-        with self._sessions() as session:
-            deployment = session.scalar(select(Deployment).where(Deployment.command_id == message.update_id))
-            if deployment is None or deployment.device_id != message.device_id:
-                log.warning("ingest.shadow_without_deployment", device=message.device_id)
-                return
-            deployment.shadow = message.model_dump(mode="json", exclude={"v", "type", "device_id", "msg_id"})
+    @staticmethod
+    def _on_update(device: Device, deployment: Deployment | None, message: UpdateEvent) -> None:
+        device.update_state = message.to_state
+        device.last_seen = utcnow()
+        if message.active_version is not None:
+            device.active_version = message.active_version
+        if deployment is not None and deployment.device_id == message.device_id:
+            deployment.state = message.to_state
+            deployment.reason = message.reason
             deployment.updated_at = utcnow()
-            session.commit()
+
+    @staticmethod
+    def _on_shadow(deployment: Deployment | None, message: ShadowReport) -> None:
+        if deployment is None or deployment.device_id != message.device_id:
+            log.warning("ingest.shadow_without_deployment", device=message.device_id)
+            return
+        deployment.shadow = message.model_dump(mode="json", exclude={"v", "type", "device_id", "msg_id"})
+        deployment.updated_at = utcnow()

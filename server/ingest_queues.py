@@ -7,8 +7,10 @@ on the dispatcher's own threads:
 - **heartbeat**: coalesced per device (the latest wins; a superseded one is counted as
   ``coalesced``, not lost) and written in one transaction per ``flush_interval``.
 - **event** (status, update, shadow): ``event_workers`` FIFO queues, a device always on the same
-  one, so one device's update events and shadow reports are handled in the order they came. The
-  rollout controller's hook runs here.
+  one, so one device's update events and shadow reports are handled in the order they came. A
+  worker takes what its queue holds (up to ``event_batch``) and handles it in one transaction,
+  the rollout controller's record of each report included; the batch is acknowledged after the
+  commit.
 - **sample**: a pool of ``sample_workers`` threads validates (object read, header check, decode),
   each with its own queue and a device always on the same one (a device's samples are stored in the
   order they came, as the agent's spool sent them), and one writer stores the validated rows in one
@@ -78,6 +80,7 @@ Ack = Callable[[], object]
 class DispatcherConfig:
     flush_interval: float = 0.5
     event_workers: int = 2
+    event_batch: int = 200  # events per transaction, at most (a worker never waits to fill one)
     sample_workers: int = 4
     event_queue: int = 10_000
     sample_queue: int = 2_000
@@ -119,9 +122,9 @@ class IngestDispatcher:
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._ingest = ingest
         self.config = cfg = config or DispatcherConfig()
-        if cfg.event_workers < 1 or cfg.sample_workers < 1 or cfg.flush_interval <= 0:
-            raise ValueError("the dispatcher needs at least one event and one sample worker and a positive "
-                             "flush interval")
+        if cfg.event_workers < 1 or cfg.sample_workers < 1 or cfg.flush_interval <= 0 or cfg.event_batch < 1:
+            raise ValueError("the dispatcher needs at least one event and one sample worker, a positive "
+                             "flush interval and event batches of at least one")
         self._clock = clock
         self._events = [queue.Queue(cfg.event_queue) for _ in range(cfg.event_workers)]
         # One queue per sample worker, a device always on the same one: its samples keep their order.
@@ -129,6 +132,7 @@ class IngestDispatcher:
         self._drift: queue.Queue = queue.Queue(cfg.drift_queue)
         # Validated sample rows on their way to the writer (only with an ingest that can batch them).
         self._batch_samples = hasattr(ingest, "validate_sample") and hasattr(ingest, "store_samples")
+        self._batch_events = hasattr(ingest, "handle_events")
         self._sample_rows: queue.Queue = queue.Queue(cfg.sample_queue)
         self._hb = _Heartbeats()
         self._hb_lock = threading.Lock()
@@ -268,7 +272,8 @@ class IngestDispatcher:
             return
         self._stopping.clear()
         self._accepting = True
-        specs = [(f"ingest-event-{i}", self._work, q, EVENT) for i, q in enumerate(self._events)]
+        events = self._work_events if self._batch_events else self._work
+        specs = [(f"ingest-event-{i}", events, q, EVENT) for i, q in enumerate(self._events)]
         specs += [(f"ingest-sample-{i}", self._work, q, SAMPLE) for i, q in enumerate(self._samples)]
         specs += [("ingest-drift", self._work, self._drift, DRIFT)]
         for name, target, q, cls in specs:
@@ -351,6 +356,37 @@ class IngestDispatcher:
                 if done:
                     self._outstanding(-1)
                     self._notify()
+
+    def _work_events(self, q: queue.Queue, cls: str) -> None:
+        """Whatever the queue holds, up to ``event_batch``, in one transaction (never waits to fill one)."""
+        stopping = False
+        while not stopping:
+            first = q.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            while len(batch) < self.config.event_batch:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            outcome, messages = "ok", []
+            try:
+                messages = [m for m in self._ingest.handle_events([(i.topic, i.payload) for i in batch])
+                            if m is not None]
+            except Exception:  # one bad batch must not end the worker
+                outcome = "failed"
+                log.exception("ingest.handler_failed", events=len(batch))
+            finally:
+                _call_all([item.ack for item in batch if item.ack is not None])
+                metrics.INGEST_EVENT_BATCH_SIZE.observe(len(batch))
+                self._finished(EVENT, outcome, messages, count=len(batch))
+                self._outstanding(-len(batch))
+                self._notify()
 
     def _handle(self, item: _Item) -> bool:
         """Handle one message; False when it went on to the sample writer (which finishes it)."""

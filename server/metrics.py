@@ -44,6 +44,9 @@ INGEST_QUEUE_LAG = Histogram(
 )
 INGEST_BATCH_SIZE = Histogram("edgeloop_ingest_heartbeat_batch_size", "Heartbeats written per transaction",
                               buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000))
+INGEST_EVENT_BATCH_SIZE = Histogram("edgeloop_ingest_event_batch_size",
+                                    "Status, update and shadow messages handled per transaction",
+                                    buckets=(1, 2, 5, 10, 25, 50, 100, 200, 500))
 SAMPLES = Counter("edgeloop_samples_ingested_total", "Samples ingested by outcome (validated, unlabeled, "
                                                      "rejected)", ["status"])
 PENDING_SAMPLES = Gauge("edgeloop_samples_pending", "Validated labeled samples toward the retrain threshold")
@@ -65,6 +68,8 @@ ALERTS = Counter("edgeloop_alerts_total", "Alerts raised", ["kind"])
 
 # Rollouts: one series per (rollout, wave, state) set to 1 for the wave's current state and 0 for
 # the states it was in before, so `edgeloop_rollout_wave_state == 1` lists every wave's state.
+ROLLOUT_PASS_SECONDS = Histogram("edgeloop_rollout_pass_seconds", "One rollout controller pass over every "
+                                 "rollout with work left", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 ROLLOUT_WAVE_STATE = Gauge("edgeloop_rollout_wave_state", "1 for a rollout wave's current state, else 0",
                            ["rollout", "wave", "state"])
 ROLLOUT_GATE_VALUE = Gauge("edgeloop_rollout_gate_value", "Current value of a rollout wave's gate "

@@ -164,6 +164,12 @@ class RolloutPolicy(BaseSettings):
     resend_seconds: float = Field(30.0, ge=1)
     max_sends: int = Field(10, ge=1)
     reconcile_seconds: float = Field(2.0, gt=0, le=60)
+    # After a pass that took t seconds the next one waits at least pass_spacing x t, however often
+    # devices report: on SQLite (one writer at a time) ingest keeps the rest of the write lock.
+    pass_spacing: float = Field(2.0, ge=0, le=20)
+    # A running wave looks for devices that may join it (enrolled or back online since) at most this
+    # often; at its start it always does.
+    top_up_seconds: float = Field(5.0, ge=0, le=600)
     # Per-rollout lease: the one replica that acts on a rollout until the lease runs out unrenewed.
     lease_seconds: float = Field(30.0, ge=2)
     # A finished rollout's Prometheus series are dropped this long after it settled.
@@ -182,6 +188,7 @@ class IngestPolicy(BaseModel):
     dispatcher: bool = True
     flush_interval: float = Field(0.5, gt=0, le=60)  # heartbeats: one transaction per interval
     event_workers: int = Field(2, ge=1, le=64)  # status, update, shadow (a device always on the same one)
+    event_batch: int = Field(200, ge=1, le=10_000)  # events per transaction, at most
     sample_workers: int = Field(4, ge=1, le=256)  # sample validation pool
     event_queue: int = Field(10_000, ge=1)
     sample_queue: int = Field(2_000, ge=1)

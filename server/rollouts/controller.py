@@ -15,9 +15,9 @@ also taken with ``SELECT ... FOR UPDATE SKIP LOCKED``, so a replica never even w
 one's pass). Only the lease holder decides and publishes; another replica takes over once the
 lease runs out unrenewed (a crashed holder) or is released (a clean shutdown).
 
-Device reports reach the controller through :meth:`RolloutController.observe` (called by ingest,
-on every replica): it records a device's OTA state and shadow windows against the command ids
-and nudges the loop. It only writes columns the reconciler never writes, so the two cannot lose
+Device reports reach the controller through :meth:`RolloutController.record`, which ingest calls
+(on every replica) inside the transaction that writes the device's own rows, and then
+:meth:`nudge`: it records a device's OTA state and shadow windows against the command ids. It only writes columns the reconciler never writes, so the two cannot lose
 each other's updates.
 """
 
@@ -26,19 +26,20 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol import Channel, decode_message, device_topic, encode_message
 from protocol.alerts import AlertKind, Severity
-from protocol.messages import AbortCommand, PromoteCommand, ShadowReport, StatusMessage, UpdateEvent
+from protocol.messages import AbortCommand, PromoteCommand, ShadowReport, UpdateEvent
 from server import audit, metrics, registry
 from server.db.models import (
     Deployment,
@@ -90,6 +91,9 @@ class RolloutController:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._exported: dict[int, datetime | None] = {}  # rollouts with Prometheus series -> finished_at
+        # (rollout, wave, attempt) -> when the wave last looked for devices to join, and how many of
+        # those it wanted were offline then.
+        self._topped_up: dict[tuple[int, int, int], tuple[datetime, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -111,13 +115,17 @@ class RolloutController:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 self.reconcile_all()
             except Exception:  # a database hiccup must not end the loop
                 log.exception("rollout.pass_failed")
+            took = time.monotonic() - started
+            metrics.ROLLOUT_PASS_SECONDS.observe(took)
             self._wake.wait(self.policy.reconcile_seconds)
             self._wake.clear()
-            self._stop.wait(0.1)  # a burst of reports makes one pass, not one each
+            # A burst of reports makes one pass, not one each; a long pass is followed by a longer rest.
+            self._stop.wait(max(0.1, self.policy.pass_spacing * took))
 
     def release_leases(self) -> None:
         with self._sessions() as session:
@@ -128,58 +136,72 @@ class RolloutController:
     # ------------------------------------------------------------------ device reports (ingest hook)
 
     def observe(self, message) -> None:
+        """Record one report in a transaction of its own and nudge the loop (ingest records its
+        batches through :meth:`record`, in its own transaction)."""
         try:
-            if isinstance(message, UpdateEvent):
-                self._record_update(message)
-            elif isinstance(message, ShadowReport):
-                self._record_shadow(message)
-            elif not isinstance(message, StatusMessage):
-                return
+            with self._sessions() as session:
+                self.record(session, [message])
+                session.commit()
+        except IntegrityError:  # the same shadow report, redelivered to another replica at the same time
+            pass
         except Exception:  # never let a report break ingest
             log.exception("rollout.observe_failed", device=message.device_id)
         self.nudge()
 
-    def _record_update(self, m: UpdateEvent) -> None:
+    def record(self, session: Session, messages) -> None:
+        """What status, update and shadow messages mean for rollouts, in order, written in the
+        caller's transaction (the caller commits, then nudges). One SELECT per table for the lot."""
+        reports = [m for m in messages if isinstance(m, (UpdateEvent, ShadowReport))]
+        if not reports:
+            return
+        ids = list({m.update_id for m in reports})
+        by_command: dict[str, RolloutDevice] = {}
+        for dev in session.scalars(select(RolloutDevice).where(or_(
+                RolloutDevice.deploy_command_id.in_(ids), RolloutDevice.rollback_command_id.in_(ids)))):
+            for command_id in (dev.deploy_command_id, dev.rollback_command_id):
+                if command_id:
+                    by_command[command_id] = dev
+        shadow_ids = [m.msg_id for m in reports if isinstance(m, ShadowReport)]
+        stored = set(session.scalars(select(RolloutShadowReport.msg_id).where(
+            RolloutShadowReport.msg_id.in_(shadow_ids)))) if shadow_ids else set()
         now = self._clock()
-        with self._sessions() as session:
-            dev = session.scalar(select(RolloutDevice).where(or_(
-                RolloutDevice.deploy_command_id == m.update_id, RolloutDevice.rollback_command_id == m.update_id)))
+        for m in reports:
+            dev = by_command.get(m.update_id)
             if dev is None or dev.device_id != m.device_id:
-                return
-            if m.update_id == dev.rollback_command_id:
-                if m.event == "rollback_refused":
-                    dev.reason = m.reason  # sent again while the device still runs the candidate
-                else:
-                    dev.rollback_state = m.to_state
-                    dev.reason = m.reason
-            else:
-                dev.update_state = m.to_state
-                dev.reason = m.reason
-                if m.to_state == "SHADOWING" and dev.shadow_started_at is None:
-                    dev.shadow_started_at = now
-            dev.progress_at = dev.updated_at = now
-            session.commit()
+                continue
+            if isinstance(m, UpdateEvent):
+                self._record_update(dev, m, now)
+            elif m.update_id == dev.deploy_command_id and m.msg_id not in stored:
+                stored.add(m.msg_id)
+                self._record_shadow(session, dev, m, now)
 
-    def _record_shadow(self, m: ShadowReport) -> None:
-        now = self._clock()
-        with self._sessions() as session:
-            dev = session.scalar(select(RolloutDevice).where(RolloutDevice.deploy_command_id == m.update_id))
-            if dev is None or dev.device_id != m.device_id or session.get(RolloutShadowReport, m.msg_id):
-                return
-            session.add(RolloutShadowReport(
-                msg_id=m.msg_id, rollout_id=dev.rollout_id, device_id=m.device_id, deploy_command_id=m.update_id,
-                received_at=now, window=m.window, frames=m.frames_compared, frames_dropped=m.frames_dropped,
-                frames_skipped_budget=m.frames_skipped_budget, agreement=m.agreement,
-                confident_agreement=m.confident_agreement,
-                corrected_frames=m.corrected_frames, active_accuracy=m.active_accuracy,
-                candidate_accuracy=m.candidate_accuracy, candidate_only_correct=m.candidate_only_correct,
-                active_only_correct=m.active_only_correct, active_latency_ms_p99=m.active_latency_ms_p99,
-                candidate_latency_ms_p99=m.candidate_latency_ms_p99, errors=m.errors))
-            dev.progress_at = dev.updated_at = now
-            try:
-                session.commit()
-            except IntegrityError:  # the same report, redelivered to another replica at the same time
-                session.rollback()
+    @staticmethod
+    def _record_update(dev: RolloutDevice, m: UpdateEvent, now: datetime) -> None:
+        if m.update_id == dev.rollback_command_id:
+            if m.event == "rollback_refused":
+                dev.reason = m.reason  # sent again while the device still runs the candidate
+            else:
+                dev.rollback_state = m.to_state
+                dev.reason = m.reason
+        else:
+            dev.update_state = m.to_state
+            dev.reason = m.reason
+            if m.to_state == "SHADOWING" and dev.shadow_started_at is None:
+                dev.shadow_started_at = now
+        dev.progress_at = dev.updated_at = now
+
+    @staticmethod
+    def _record_shadow(session: Session, dev: RolloutDevice, m: ShadowReport, now: datetime) -> None:
+        session.add(RolloutShadowReport(
+            msg_id=m.msg_id, rollout_id=dev.rollout_id, device_id=m.device_id, deploy_command_id=m.update_id,
+            received_at=now, window=m.window, frames=m.frames_compared, frames_dropped=m.frames_dropped,
+            frames_skipped_budget=m.frames_skipped_budget, agreement=m.agreement,
+            confident_agreement=m.confident_agreement,
+            corrected_frames=m.corrected_frames, active_accuracy=m.active_accuracy,
+            candidate_accuracy=m.candidate_accuracy, candidate_only_correct=m.candidate_only_correct,
+            active_only_correct=m.active_only_correct, active_latency_ms_p99=m.active_latency_ms_p99,
+            candidate_latency_ms_p99=m.candidate_latency_ms_p99, errors=m.errors))
+        dev.progress_at = dev.updated_at = now
 
     # ------------------------------------------------------------------ reconcile
 
@@ -251,6 +273,8 @@ class RolloutController:
                     log.exception("rollout.alert_failed", rollout=rollout_id)
 
     def _forget_old_metrics(self) -> None:
+        for key in [k for k in self._topped_up if k[0] not in self._exported or self._exported[k[0]] is not None]:
+            del self._topped_up[key]  # finished rollouts (or ones another replica holds now)
         cutoff = self._clock() - timedelta(seconds=self.policy.metrics_retention_seconds)
         for rollout_id, finished in list(self._exported.items()):
             if finished is not None and finished < cutoff:
@@ -393,9 +417,10 @@ class _Step:
                 dev.progress_at = self.now  # the abort gets its own time to be confirmed
                 log.warning("rollout.device_timeout", rollout=self.rollout.id, device=dev.device_id)
 
-    def _eligible(self) -> list[tuple[plan.Candidate, Device]]:
+    def _eligible(self) -> list[plan.Candidate]:
         """Devices the selector matches that may join a wave now: online, on an older version (or
-        none), not in the middle of an update, in no unsettled rollout (this one included)."""
+        none), not in the middle of an update, in no unsettled rollout (this one included). Filtered
+        in SQL and read as four columns: this runs over the whole fleet."""
         r = self.rollout
         sel = Selector.model_validate(r.selector)
         query = device_query(groups=sel.groups, tags=sel.tags, gpu_compute_capability=sel.gpu_compute_capability,
@@ -404,16 +429,22 @@ class _Step:
             query = query.where(Device.id.in_(sel.devices))
         busy = (select(RolloutDevice.device_id).join(Rollout, Rollout.id == RolloutDevice.rollout_id)
                 .where(Rollout.settled.is_(False)))
-        query = query.where(Device.id.not_in(busy))
-        out = []
-        for d in self.session.scalars(query):
-            if (d.active_version is None or d.active_version < r.version) and (d.update_state or "") in plan.RESTING_UPDATE_STATES:
-                out.append((plan.Candidate(d.id, bool(d.online), d.active_version), d))
-        return out
+        query = query.where(
+            Device.id.not_in(busy),
+            or_(Device.active_version.is_(None), Device.active_version < r.version),
+            func.coalesce(Device.update_state, "").in_(sorted(plan.RESTING_UPDATE_STATES)),
+        ).with_only_columns(Device.id, Device.online, Device.active_version)
+        return [plan.Candidate(device_id, bool(online), active)
+                for device_id, online, active in self.session.execute(query)]
 
     def _top_up(self, wave: RolloutWave) -> int:
         """Bring the wave to its size: at its start, and as devices enroll or come online. Returns
         how many of the devices it still wants are offline (it may wait for them if it has none)."""
+        offline = self._look_for_devices(wave)
+        self.c._topped_up[(self.rollout.id, wave.position, wave.attempt)] = (self.now, offline)
+        return offline
+
+    def _look_for_devices(self, wave: RolloutWave) -> int:
         pool = self._eligible()
         if not pool:
             return 0
@@ -421,17 +452,17 @@ class _Step:
         in_wave = len(self._wave_devices(wave.position))
         n = plan.wave_quota(wave.percent, wave.count, len(self.devices) + len(pool), before, in_wave)
         last = wave.position == len(self.waves) - 1
-        candidates = [c for c, _ in pool]
+        candidates = pool
         chosen = set(plan.choose(candidates, n, last_wave=last))
         offline = len(plan.choose([replace(c, online=True) for c in candidates], n, last_wave=last)) - len(chosen)
         if not chosen:
             return offline
         goal = plan.SHADOW if wave.phase == plan.PHASE_SHADOW else plan.SWITCH
-        for candidate, device in pool:
+        for candidate in pool:
             if candidate.device_id in chosen:
-                dev = RolloutDevice(rollout_id=self.rollout.id, device_id=device.id, wave=wave.position,
+                dev = RolloutDevice(rollout_id=self.rollout.id, device_id=candidate.device_id, wave=wave.position,
                                     attempt=wave.attempt, goal=goal, state=plan.D_PENDING,
-                                    from_version=device.active_version, assigned_at=self.now,
+                                    from_version=candidate.active_version, assigned_at=self.now,
                                     progress_at=self.now, updated_at=self.now)
                 self.session.add(dev)
                 self.devices.append(dev)
@@ -486,7 +517,13 @@ class _Step:
             self._retry_wave(wave)
         if wave.state != plan.WAVE_RUNNING:
             return
-        offline = self._top_up(wave) if self._offline is None else self._offline  # not twice in one pass
+        offline = self._offline  # what the wave's start found, if it started in this pass
+        if offline is None:
+            last = self.c._topped_up.get((r.id, wave.position, wave.attempt))
+            if last is None or (self.now - last[0]).total_seconds() >= self.policy.top_up_seconds:
+                offline = self._top_up(wave)
+            else:
+                offline = last[1]
         devices = self._wave_devices(wave.position)
         if not devices and offline:
             # The devices it should take are offline: an empty wave must not pass for a judged one.
@@ -616,27 +653,29 @@ class _Step:
         log.info("rollout.command", rollout=r.id, device=dev.device_id, kind=kind, command=command.command_id)
 
     def _resend(self) -> None:
-        """Publish again what a device has not acted on (it may have missed it; duplicates are ignored)."""
-        sent = {row.command_id: row for row in self.session.scalars(select(RolloutCommand).where(
-            RolloutCommand.rollout_id == self.rollout.id, RolloutCommand.published_at.is_not(None)))}
-        if not sent:
+        """Publish again what a device has not acted on (it may have missed it; duplicates are ignored).
+        Only commands due for it are read: sent long enough ago, and not sent too often already."""
+        due = {row.command_id: row for row in self.session.scalars(select(RolloutCommand).where(
+            RolloutCommand.rollout_id == self.rollout.id, RolloutCommand.published_at.is_not(None),
+            RolloutCommand.published_at <= self.now - timedelta(seconds=self.policy.resend_seconds),
+            RolloutCommand.sends < self.policy.max_sends))}
+        if not due:
             return
+        devices = {row.device_id for row in due.values()}
         online = dict(self.session.execute(select(Device.id, Device.online).where(
-            Device.id.in_([d.device_id for d in self.devices]))).all())
+            Device.id.in_(devices))).all())
         for dev in self.devices:
-            if not online.get(dev.device_id):
+            if dev.device_id not in devices or not online.get(dev.device_id):
                 continue  # its broker session keeps what was sent; nothing to add while it is away
             f = facts(dev)
             for kind, command_id in ((plan.DEPLOY, dev.deploy_command_id), (plan.PROMOTE, dev.promote_command_id),
                                      (plan.ABORT, dev.abort_command_id), (plan.ROLLBACK, dev.rollback_command_id)):
-                row = sent.get(command_id) if command_id else None
+                row = due.get(command_id) if command_id else None
                 if row is None or not plan.worth_resending(kind, f):
                     continue
-                if (row.sends < self.policy.max_sends
-                        and (self.now - row.published_at).total_seconds() >= self.policy.resend_seconds):
-                    row.published_at = None
-                    log.info("rollout.resend", rollout=self.rollout.id, device=dev.device_id, kind=kind,
-                             sends=row.sends)
+                row.published_at = None
+                log.info("rollout.resend", rollout=self.rollout.id, device=dev.device_id, kind=kind,
+                         sends=row.sends)
 
     def _settle(self) -> None:
         r = self.rollout

@@ -370,6 +370,78 @@ def test_dispatcher_in_front_of_the_real_service(service):
         assert (b.online, b.active_version, b.last_heartbeat["frames_total"]) == (True, 6, 9)
 
 
+class _Recorder:
+    """The rollout controller's side of ingest: records each report in ingest's session; can fail."""
+
+    def __init__(self, poison: str | None = None) -> None:
+        self.recorded: list[tuple[str, str]] = []
+        self.nudges = 0
+        self.poison = poison
+
+    def record(self, session, messages) -> None:
+        assert session.in_transaction()
+        for message in messages:
+            if isinstance(message, UpdateEvent) and message.to_state == self.poison:
+                raise RuntimeError("poisoned report")
+            self.recorded.append((message.device_id, getattr(message, "to_state", message.type)))
+
+    def nudge(self) -> None:
+        self.nudges += 1
+
+
+def _commits(sessions) -> list[int]:
+    from sqlalchemy import event
+
+    commits = []
+    event.listen(sessions.kw["bind"], "commit", lambda conn: commits.append(1))
+    return commits
+
+
+def test_events_are_handled_in_batches_of_one_transaction_in_order(service):
+    ingest, sessions = service
+    ingest.rollouts = recorder = _Recorder()
+    d = IngestDispatcher(ingest, DispatcherConfig(event_workers=1, event_batch=50))
+    acks = Acks()
+    gate = threading.Event()
+    # Hold the worker in its first batch so the rest queue up behind it, as under load.
+    real = ingest.handle_events
+    ingest.handle_events = lambda items: (gate.wait(5), real(items))[1]
+    d.start()
+    try:
+        commits = _commits(sessions)
+        for n in range(120):
+            d.submit(*_wire(_update("cam-a" if n % 2 else "cam-b", n)), qos=1, ack=acks(f"u{n}"))
+        time.sleep(0.2)
+        assert not acks.done  # nothing acknowledged before its transaction committed
+        gate.set()
+        assert d.drain(10)
+    finally:
+        d.stop(5)
+    assert len(acks.done) == 120
+    # 120 events in at most 4 transactions (the first alone, then up to 50 a batch), not 120.
+    assert 3 <= len(commits) <= 4
+    for device in ("cam-a", "cam-b"):
+        states = [s for dev, s in recorder.recorded if dev == device]
+        assert states == sorted(states, key=lambda s: int(s[1:])) and len(states) == 60
+    with sessions() as session:
+        assert session.get(Device, "cam-a").update_state == "S120"
+        assert session.get(Device, "cam-b").update_state == "S119"
+    assert recorder.nudges == len(commits)
+
+
+def test_a_bad_event_in_a_batch_costs_only_itself(service):
+    ingest, sessions = service
+    ingest.rollouts = recorder = _Recorder(poison="S4")
+    messages = [_update("cam-a", n) for n in range(6)] + [_update("cam-b", 0)]
+    decoded = ingest.handle_events([_wire(m) for m in messages])
+    assert [m.to_state for m in decoded] == [m.to_state for m in messages]
+    # The batch failed on S3 -> S4; each message was then handled alone: all but that one landed.
+    assert [s for _, s in recorder.recorded[-6:]] == ["S1", "S2", "S3", "S5", "S6", "S1"]
+    with sessions() as session:
+        assert session.get(Device, "cam-a").update_state == "S6"
+        assert session.get(Device, "cam-b").update_state == "S1"
+
+
 class _Store:
     """ObjectStore's get_bytes over a dict, with its refusals."""
 

@@ -207,7 +207,7 @@ class Sim:
     def make_controller(self, owner: str | None = None) -> RolloutController:
         controller = RolloutController(self.sessions, FakeStore(), lambda: self.bus, self.key, self.policy,
                                        presign_seconds=3600, clock=self.clock, owner=owner)
-        self.ingest.on_device_message = controller.observe
+        self.ingest.rollouts = controller
         return controller
 
     def deliver(self, message) -> None:
