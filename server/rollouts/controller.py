@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -418,9 +418,10 @@ class _Step:
                 log.warning("rollout.device_timeout", rollout=self.rollout.id, device=dev.device_id)
 
     def _eligible(self) -> list[plan.Candidate]:
-        """Devices the selector matches that may join a wave now: online, on an older version (or
-        none), not in the middle of an update, in no unsettled rollout (this one included). Filtered
-        in SQL and read as four columns: this runs over the whole fleet."""
+        """Devices the selector matches on an older version (or none), in no unsettled rollout (this
+        one included). One in the middle of an update (a direct deploy finishing) counts as not
+        available, like an offline one: the wave waits for it rather than passing without it.
+        Filtered in SQL and read as four columns: this runs over the whole fleet."""
         r = self.rollout
         sel = Selector.model_validate(r.selector)
         query = device_query(groups=sel.groups, tags=sel.tags, gpu_compute_capability=sel.gpu_compute_capability,
@@ -430,12 +431,10 @@ class _Step:
         busy = (select(RolloutDevice.device_id).join(Rollout, Rollout.id == RolloutDevice.rollout_id)
                 .where(Rollout.settled.is_(False)))
         query = query.where(
-            Device.id.not_in(busy),
-            or_(Device.active_version.is_(None), Device.active_version < r.version),
-            func.coalesce(Device.update_state, "").in_(sorted(plan.RESTING_UPDATE_STATES)),
-        ).with_only_columns(Device.id, Device.online, Device.active_version)
-        return [plan.Candidate(device_id, bool(online), active)
-                for device_id, online, active in self.session.execute(query)]
+            Device.id.not_in(busy), or_(Device.active_version.is_(None), Device.active_version < r.version),
+        ).with_only_columns(Device.id, Device.online, Device.active_version, Device.update_state)
+        return [plan.Candidate(device_id, bool(online) and (state or "") in plan.RESTING_UPDATE_STATES, active)
+                for device_id, online, active, state in self.session.execute(query)]
 
     def _top_up(self, wave: RolloutWave) -> int:
         """Bring the wave to its size: at its start, and as devices enroll or come online. Returns
@@ -527,7 +526,7 @@ class _Step:
         devices = self._wave_devices(wave.position)
         if not devices and offline:
             # The devices it should take are offline: an empty wave must not pass for a judged one.
-            wave.reason = f"waiting for {offline} matching device(s) to come online"
+            wave.reason = f"waiting for {offline} matching device(s) to come online or finish an update"
             return
         if wave.reason.startswith("waiting for"):
             wave.reason = ""

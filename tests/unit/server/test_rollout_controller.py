@@ -458,6 +458,26 @@ def test_a_device_that_comes_online_during_the_last_wave_is_included(tmp_path):
     assert sim.agents["cam-3"].active == 2
 
 
+def test_a_running_wave_looks_for_joining_devices_every_top_up_seconds_not_every_pass(tmp_path):
+    sim = Sim(tmp_path, 3, waves=[WaveSpec(name="all", percent=100)], top_up_seconds=30)
+    with sim.sessions() as session:
+        session.get(Device, "cam-3").online = False
+        session.commit()
+    rid = sim.create()
+    sim.step()  # the wave starts: cam-1 and cam-2 join, cam-3 is offline
+    with sim.sessions() as session:
+        session.get(Device, "cam-3").online = True
+        session.commit()
+    joined_at = None
+    for n in range(12):  # 5 s a step
+        sim.controller.reconcile_all()
+        if joined_at is None and any(d["device_id"] == "cam-3" for d in sim.view(rid)["waves"][0]["devices"]):
+            joined_at = n
+        sim.clock.now += STEP
+    # Not on the next pass (it looked 5 s ago), but once 30 s have passed since the wave's look.
+    assert joined_at is not None and 4 <= joined_at <= 6
+
+
 def test_resume_after_a_failed_wave_runs_it_again_with_new_commands(tmp_path):
     sim = Sim(tmp_path, {"cam-1": {"agreement": 0.5}, "cam-2": {}},
               waves=[WaveSpec(name="canary", count=1), WaveSpec(name="all", percent=100)])
@@ -500,10 +520,34 @@ def test_a_wave_whose_devices_are_all_offline_waits_for_them(tmp_path):
         sim.step()
     view = sim.view(rid)
     assert view["state"] == "running" and view["waves"][0]["state"] == "running"
-    assert view["waves"][0]["reason"] == "waiting for 1 matching device(s) to come online"
+    assert view["waves"][0]["reason"] == "waiting for 1 matching device(s) to come online or finish an update"
     assert not sim.bus.sent
     with sim.sessions() as session:
         for device in session.scalars(select(Device)):
             device.online = True
         session.commit()
     sim.run_until(rid, lambda v: v["state"] == "succeeded")
+
+
+def test_a_wave_waits_for_devices_still_finishing_another_update_instead_of_passing_empty(tmp_path):
+    # A rollout created while a direct deploy is still switching the fleet: its devices report
+    # CHECKING, not a resting state. The wave must not pass with no device and call that success.
+    sim = Sim(tmp_path, 2, waves=[WaveSpec(name="canary", count=1), WaveSpec(name="all", percent=100)])
+    with sim.sessions() as session:
+        for device in session.scalars(select(Device)):
+            device.update_state = "CHECKING"
+        session.commit()
+    rid = sim.create()
+    for _ in range(3):
+        sim.step()
+    view = sim.view(rid)
+    assert view["state"] == "running" and view["waves"][0]["state"] == "running"
+    assert view["waves"][0]["reason"] == "waiting for 1 matching device(s) to come online or finish an update"
+    assert not sim.bus.sent
+    with sim.sessions() as session:
+        for device in session.scalars(select(Device)):
+            device.update_state = "ACTIVE"
+        session.commit()
+    view = sim.run_until(rid, lambda v: v["state"] == "succeeded")
+    assert sorted(d["device_id"] for w in view["waves"] for d in w["devices"]) == ["cam-1", "cam-2"]
+    assert all(agent.active == 2 for agent in sim.agents.values())
