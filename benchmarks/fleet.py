@@ -197,7 +197,7 @@ def run_size(server, broker, n: int, args, version: int, tmp: Path) -> dict:
     _wait("ingest to drain", lambda: _counter(metrics.MESSAGES_RECEIVED, type="heartbeat") - received0["heartbeat"]
           >= sent_hb, 30) if sent_hb else None
     counted_hb = _counter(metrics.MESSAGES_RECEIVED, type="heartbeat") - received0["heartbeat"]
-    deploy_span = counters.get("command_times", {}).get("deploy")
+    deploy_span = counters.get("command_times", {}).get(f"deploy:v{version}")  # the direct deploy's, not the rollout's
     return {
         "devices": n,
         "provisioning": {"seconds": round(provision_s, 2), "devices_per_s": round(n / provision_s, 1)},

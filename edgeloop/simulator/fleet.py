@@ -83,7 +83,7 @@ class Counters:
                 "connect_failures": self.connect_failures, "disconnects": self.disconnects,
                 "uploads": self.uploads, "upload_failures": self.upload_failures,
                 "uploads_started": self.uploads_started, "upload_errors": dict(self.upload_errors),
-                "command_times": _spans((t, kind) for t, _d, kind, _v in self.command_log),
+                "command_times": _spans((t, f"{kind}:v{v}") for t, _d, kind, v in self.command_log),
                 "update_times": _spans((t, f"{state}:v{v}") for t, _d, state, v in self.update_log)}
 
 
