@@ -509,12 +509,19 @@ def test_a_rollout_needs_a_deployable_version_and_one_at_a_time(tmp_path):
         assert session.get(Rollout, first).state == "aborted" and rollout.state == "pending"
 
 
-def test_a_wave_whose_devices_are_all_offline_waits_for_them(tmp_path):
+# Offline devices, or devices still finishing another update (a direct deploy switching: CHECKING),
+# are not available: the wave waits for them rather than passing with no device as a success.
+@pytest.mark.parametrize("column, away, back", [("online", False, True), ("update_state", "CHECKING", "ACTIVE")])
+def test_a_wave_whose_devices_are_unavailable_waits_for_them(tmp_path, column, away, back):
     sim = Sim(tmp_path, 2, waves=[WaveSpec(name="canary", count=1), WaveSpec(name="all", percent=100)])
-    with sim.sessions() as session:
-        for device in session.scalars(select(Device)):
-            device.online = False
-        session.commit()
+
+    def set_all(value) -> None:
+        with sim.sessions() as session:
+            for device in session.scalars(select(Device)):
+                setattr(device, column, value)
+            session.commit()
+
+    set_all(away)
     rid = sim.create()
     for _ in range(4):
         sim.step()
@@ -522,32 +529,8 @@ def test_a_wave_whose_devices_are_all_offline_waits_for_them(tmp_path):
     assert view["state"] == "running" and view["waves"][0]["state"] == "running"
     assert view["waves"][0]["reason"] == "waiting for 1 matching device(s) to come online or finish an update"
     assert not sim.bus.sent
-    with sim.sessions() as session:
-        for device in session.scalars(select(Device)):
-            device.online = True
-        session.commit()
-    sim.run_until(rid, lambda v: v["state"] == "succeeded")
-
-
-def test_a_wave_waits_for_devices_still_finishing_another_update_instead_of_passing_empty(tmp_path):
-    # A rollout created while a direct deploy is still switching the fleet: its devices report
-    # CHECKING, not a resting state. The wave must not pass with no device and call that success.
-    sim = Sim(tmp_path, 2, waves=[WaveSpec(name="canary", count=1), WaveSpec(name="all", percent=100)])
-    with sim.sessions() as session:
-        for device in session.scalars(select(Device)):
-            device.update_state = "CHECKING"
-        session.commit()
-    rid = sim.create()
-    for _ in range(3):
-        sim.step()
-    view = sim.view(rid)
-    assert view["state"] == "running" and view["waves"][0]["state"] == "running"
-    assert view["waves"][0]["reason"] == "waiting for 1 matching device(s) to come online or finish an update"
-    assert not sim.bus.sent
-    with sim.sessions() as session:
-        for device in session.scalars(select(Device)):
-            device.update_state = "ACTIVE"
-        session.commit()
+    set_all(back)
     view = sim.run_until(rid, lambda v: v["state"] == "succeeded")
     assert sorted(d["device_id"] for w in view["waves"] for d in w["devices"]) == ["cam-1", "cam-2"]
     assert all(agent.active == 2 for agent in sim.agents.values())
+
