@@ -17,8 +17,8 @@ lease runs out unrenewed (a crashed holder) or is released (a clean shutdown).
 
 Device reports reach the controller through :meth:`RolloutController.record`, which ingest calls
 (on every replica) inside the transaction that writes the device's own rows, and then
-:meth:`nudge`: it records a device's OTA state and shadow windows against the command ids. It only writes columns the reconciler never writes, so the two cannot lose
-each other's updates.
+:meth:`nudge`: it records a device's OTA state and shadow windows against the command ids. It
+only writes columns the reconciler never writes, so the two cannot lose each other's updates.
 """
 
 from __future__ import annotations
@@ -451,9 +451,8 @@ class _Step:
         in_wave = len(self._wave_devices(wave.position))
         n = plan.wave_quota(wave.percent, wave.count, len(self.devices) + len(pool), before, in_wave)
         last = wave.position == len(self.waves) - 1
-        candidates = pool
-        chosen = set(plan.choose(candidates, n, last_wave=last))
-        offline = len(plan.choose([replace(c, online=True) for c in candidates], n, last_wave=last)) - len(chosen)
+        chosen = set(plan.choose(pool, n, last_wave=last))
+        offline = len(plan.choose([replace(c, online=True) for c in pool], n, last_wave=last)) - len(chosen)
         if not chosen:
             return offline
         goal = plan.SHADOW if wave.phase == plan.PHASE_SHADOW else plan.SWITCH
