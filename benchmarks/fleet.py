@@ -60,6 +60,57 @@ def _quantile(before: dict, after: dict, q: float) -> float | None:
     return lower
 
 
+class _Monitor:
+    """A progress line every ``every`` seconds while a fleet runs (stderr): what the server has
+    counted, its queues and the time its network thread waited on them, its CPU, and the
+    simulator's own last progress line. A stall shows where it is, not just that it happened."""
+
+    KINDS = ("heartbeat", "status", "update", "shadow", "drift")
+
+    def __init__(self, sim_log: Path, every: float = 10.0):
+        import threading
+
+        self.sim_log, self.every = sim_log, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-monitor", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        from server import metrics
+
+        proc = psutil.Process()
+        last = {k: _counter(metrics.MESSAGES_RECEIVED, type=k) for k in self.KINDS}
+        cpu, t = proc.cpu_times(), time.monotonic()
+        while not self._stop.wait(self.every):
+            now = {k: _counter(metrics.MESSAGES_RECEIVED, type=k) for k in self.KINDS}
+            cpu1, t1 = proc.cpu_times(), time.monotonic()
+            wall = t1 - t
+            rates = " ".join(f"{k}={(now[k] - last[k]) / wall:.0f}/s" for k in self.KINDS)
+            depth = " ".join(f"{c}={metrics.INGEST_QUEUE_DEPTH.labels(**{'class': c})._value.get():.0f}"
+                             for c in ("heartbeat", "event", "sample", "drift"))
+            blocked = sum(s.value for s in metrics.INGEST_BLOCKED_SECONDS.collect()[0].samples
+                          if s.name.endswith("_total"))
+            server_cpu = 100 * ((cpu1.user + cpu1.system) - (cpu.user + cpu.system)) / wall
+            print(f"  [{time.strftime('%H:%M:%S')}] received {rates} | queued {depth} | network thread blocked "
+                  f"{blocked:.1f} s in all | server CPU {server_cpu:.0f} % | simulator: {self._sim_line()}",
+                  file=sys.stderr, flush=True)
+            last, cpu, t = now, cpu1, t1
+
+    def _sim_line(self) -> str:
+        try:
+            lines = self.sim_log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "-"
+        return lines[-1][:200] if lines else "-"
+
+
 def _wait(what, check, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -117,19 +168,22 @@ def run_size(server, broker, n: int, args, version: int, tmp: Path) -> dict:
     creds = enroll(server.url, ADMIN, device_ids(n, prefix))
     provision_s = time.monotonic() - t0
     ids = [c.device_id for c in creds]
-    cred_file, out_file = tmp / f"creds-{n}.json", tmp / f"sim-{n}.json"
+    cred_file, out_file, sim_log = tmp / f"creds-{n}.json", tmp / f"sim-{n}.json", tmp / f"sim-{n}.log"
     save_credentials(cred_file, creds)
 
     kinds = ("heartbeat", "status", "update", "shadow", "drift")
     received0 = {k: _counter(metrics.MESSAGES_RECEIVED, type=k) for k in kinds}
+    # The simulator's output goes to a file, never an unread pipe: a full pipe would block its
+    # event loop (every device at once) the first time it logs more than 64 KiB.
+    sim_out = sim_log.open("w")
     sim = subprocess.Popen(
         [sys.executable, "-m", "edgeloop", "simulate", "--devices", str(n), "--credentials", str(cred_file),
          "--mqtt-host", broker.host, "--mqtt-port", str(broker.port), "--heartbeat-seconds",
          str(args.heartbeat_seconds), "--shadow-seconds", "1", "--drift-seconds", str(args.drift_seconds),
          "--connects-per-second", "1000", "--json", str(out_file)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True)
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=sim_out, stderr=subprocess.STDOUT)
     sim_ps = psutil.Process(sim.pid)
+    monitor = _Monitor(sim_log).__enter__()
     try:
         t0 = time.monotonic()
         _wait("every device online", lambda: _online(server.ctx, ids) == n, 120 + n / 50)
@@ -186,12 +240,18 @@ def run_size(server, broker, n: int, args, version: int, tmp: Path) -> dict:
                 api.get(f"/api/v1/rollouts/{rid}").json()), 300 + n / 10)
             rollout_s = time.monotonic() - t_roll
         rss_peak = proc.memory_info().rss
+    except BaseException:
+        print(f"fleet of {n} failed; the simulator's last lines ({sim_log}):", file=sys.stderr)
+        print("\n".join(sim_log.read_text(errors="replace").splitlines()[-20:]), file=sys.stderr)
+        raise
     finally:
+        monitor.__exit__(None, None, None)
         sim.send_signal(2)  # SIGINT: the simulator says goodbye and writes its counters
         try:
             sim.wait(60)
         except subprocess.TimeoutExpired:
             sim.kill()
+        sim_out.close()
     counters = json.loads(out_file.read_text()) if out_file.exists() else {}
     sent_hb = counters.get("sent", {}).get("heartbeat", 0)
     _wait("ingest to drain", lambda: _counter(metrics.MESSAGES_RECEIVED, type="heartbeat") - received0["heartbeat"]

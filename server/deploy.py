@@ -23,6 +23,10 @@ class DeployError(ValueError):
     pass
 
 
+class CommandsNotSent(DeployError):
+    """The deployments are recorded but the broker refused (some of) their commands."""
+
+
 def deploy_version(
     session: Session,
     store,
@@ -40,21 +44,32 @@ def deploy_version(
     mv = _deployable(session, version)
     devices = _devices(session, device_ids)
     url, _ = bundle_url(store, mv, presign_seconds)
-    sent = []
-    for device in devices:
-        command = deploy_command(device.id, mv, url, mode=mode, shadow_frames=shadow_frames)
-        deployment = Deployment(device_id=device.id, version=version, command_id=command.command_id, mode=mode,
-                                reason=reason[:4000])
-        session.add(deployment)
-        session.flush()
-        bus.publish_command(device.id, command)
-        metrics.DEPLOY_COMMANDS.labels(mode=mode).inc()
-        sent.append(deployment)
+    commands = [deploy_command(device.id, mv, url, mode=mode, shadow_frames=shadow_frames) for device in devices]
+    sent = [Deployment(device_id=c.device_id, version=version, command_id=c.command_id, mode=mode,
+                       reason=reason[:4000]) for c in commands]
     audit.record(session, actor, "deploy", f"version:{version}", devices=[d.id for d in devices], mode=mode,
                  reason=reason)
-    session.commit()
+    _record_and_send(session, bus, sent, commands, metric_mode=mode)
     log.info("deploy.sent", version=version, devices=len(sent), mode=mode)
     return sent
+
+
+def _record_and_send(session: Session, bus, rows: list[Deployment], commands: list, *, metric_mode: str) -> None:
+    """Commit the deployments, then publish their commands: a device that answers at once finds its
+    deployment (publishing inside the transaction raced its answer and held the write lock for the
+    whole fan-out). Commands the broker refuses mark their deployments failed, then DeployError."""
+    session.add_all(rows)
+    session.commit()
+    for i, (row, command) in enumerate(zip(rows, commands, strict=True)):
+        try:
+            bus.publish_command(row.device_id, command)
+        except ConnectionError as exc:
+            for unsent in rows[i:]:
+                unsent.state, unsent.reason = "failed", f"command not sent: {exc}"[:4000]
+            session.commit()
+            log.error("deploy.not_sent", sent=i, devices=len(rows), error=str(exc))
+            raise CommandsNotSent(f"the broker took {i} of {len(rows)} commands: {exc}") from exc
+        metrics.DEPLOY_COMMANDS.labels(mode=metric_mode).inc()
 
 
 def bundle_url(store, mv: ModelVersion, presign_seconds: int) -> tuple[str, datetime]:
@@ -125,18 +140,11 @@ def rollback_version(
     mv = _deployable(session, version)
     devices = _devices(session, device_ids)
     url, expires_at = bundle_url(store, mv, presign_seconds)
-    sent = []
-    for device in devices:
-        command = rollback_command(device.id, version, signing_key, reason=reason, expires_at=expires_at,
-                                   mv=mv, url=url)
-        deployment = Deployment(device_id=device.id, version=version, command_id=command.command_id,
-                                mode="rollback", reason=reason)
-        session.add(deployment)
-        session.flush()
-        bus.publish_command(device.id, command)
-        metrics.DEPLOY_COMMANDS.labels(mode="rollback").inc()
-        sent.append(deployment)
+    commands = [rollback_command(device.id, version, signing_key, reason=reason, expires_at=expires_at, mv=mv,
+                                 url=url) for device in devices]
+    sent = [Deployment(device_id=c.device_id, version=version, command_id=c.command_id, mode="rollback",
+                       reason=reason) for c in commands]
     audit.record(session, actor, "rollback", f"version:{version}", devices=[d.id for d in devices], reason=reason)
-    session.commit()
+    _record_and_send(session, bus, sent, commands, metric_mode="rollback")
     log.info("deploy.rollback_sent", version=version, devices=len(sent), reason=reason)
     return sent

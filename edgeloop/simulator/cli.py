@@ -24,7 +24,8 @@ def _line(fleet, started: float) -> str:
         states[model.state] = states.get(model.state, 0) + 1
     return (f"[{time.monotonic() - started:6.0f} s] connected {c.connected}/{len(fleet.clients)} "
             f"(offline by profile {len(fleet.offline)}) · sent {sent} {dict(sorted(c.sent.items()))} · "
-            f"commands {dict(c.commands)} · states {dict(sorted(states.items()))}")
+            f"commands {dict(c.commands)} · states {dict(sorted(states.items()))} · "
+            f"loop lag {fleet.loop_lag * 1000:.0f} ms")
 
 
 @app.command("simulate")

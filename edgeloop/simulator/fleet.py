@@ -328,6 +328,7 @@ class Fleet:
         self.tasks: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._http = None
+        self.loop_lag = 0.0  # seconds the run loop last woke late (progress lines show it)
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -371,8 +372,11 @@ class Fleet:
                 left = progress_seconds if end is None else min(progress_seconds, end - self.loop.time())
                 if left <= 0:
                     break
+                due = self.loop.time() + left
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), left)
+                # How late the loop woke: a saturated simulator shows here, not as a slow server.
+                self.loop_lag = max(0.0, self.loop.time() - due) if not self._stop.is_set() else 0.0
                 if progress is not None:
                     progress(self)
         finally:

@@ -25,7 +25,7 @@ from server.api.schemas import (
 from server.auth import Principal, Role
 from server.context import ServerContext
 from server.db.models import AlertRecord, Deployment, Device, ModelVersion, Sample, TrainingJob
-from server.deploy import DeployError, deploy_version
+from server.deploy import CommandsNotSent, DeployError, deploy_version
 from server.fleet import device_dict
 from server.ingest import pending_labeled_samples
 from server.pipeline.data_gate import HaltError, batch_rejects, quarantined_devices
@@ -238,6 +238,8 @@ def create_deployment(body: DeployRequest, request: Request, ctx: ServerContext 
                 shadow_frames=body.shadow_frames or ctx.settings.shadow_frames,
                 presign_seconds=ctx.settings.presign_seconds, actor=who.subject,
             )
+        except CommandsNotSent as exc:  # recorded, not all sent: the broker, not the request, is at fault
+            raise HTTPException(503, str(exc)) from None
         except DeployError as exc:
             raise HTTPException(409, str(exc)) from None
         audit.record(session, who.subject, "deployment.create", f"version:{version}", client_address(request))

@@ -16,7 +16,7 @@ from protocol import decode_message, device_topic, encode_message
 from protocol.messages import DeployCommand, RollbackCommand
 from protocol.topics import Channel
 from server.db.models import AuditEntry, Base, Deployment, Device, ModelVersion
-from server.deploy import DeployError, deploy_version, rollback_version
+from server.deploy import CommandsNotSent, DeployError, deploy_version, rollback_version
 
 
 class FakeStore:
@@ -108,3 +108,56 @@ def test_deploy_still_sends_plain_deploy_commands(session) -> None:
                           presign_seconds=60, actor="a")
     assert [type(c) for c in bus.sent] == [DeployCommand] and sent[0].mode == "direct"
     assert bus.sent[0].bundle_sha256 == "cd" * 32
+
+
+class CommittedFirstBus(FakeBus):
+    """Checks, at each publish, that the command's deployment is already committed (visible to a
+    second connection, as ingest's would be); refuses once ``refuse_after`` commands are out."""
+
+    def __init__(self, engine, refuse_after: int | None = None) -> None:
+        super().__init__()
+        self.engine, self.refuse_after = engine, refuse_after
+
+    def publish_command(self, device_id: str, command) -> None:
+        if self.refuse_after is not None and len(self.sent) >= self.refuse_after:
+            raise ConnectionError("the client is not currently connected")
+        with sessionmaker(self.engine)() as other:
+            assert other.scalar(select(Deployment).where(Deployment.command_id == command.command_id)) is not None
+        super().publish_command(device_id, command)
+
+
+@pytest.fixture
+def file_session(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    Base.metadata.create_all(engine)
+    with sessionmaker(engine, expire_on_commit=False)() as s:
+        s.add_all([Device(id=f"cam-{i}") for i in range(1, 6)])
+        s.add(ModelVersion(version=2, name="detector", status="production", bundle_key="models/2/bundle.tar",
+                           bundle_sha256="cd" * 32, bundle_size=2345))
+        s.commit()
+        yield s
+
+
+def test_deployments_are_committed_before_their_commands_go_out(file_session) -> None:
+    bus = CommittedFirstBus(file_session.get_bind())
+    sent = deploy_version(file_session, FakeStore(), bus, 2, None, mode="direct", shadow_frames=10,
+                          presign_seconds=60, actor="a")
+    assert [c.command_id for c in bus.sent] == [d.command_id for d in sent] and len(sent) == 5
+
+
+@pytest.mark.parametrize("send", ["deploy", "rollback"])
+def test_commands_the_broker_refuses_leave_their_deployments_failed(file_session, key, send) -> None:
+    bus = CommittedFirstBus(file_session.get_bind(), refuse_after=2)
+    with pytest.raises(CommandsNotSent, match="the broker took 2 of 5 commands"):
+        if send == "deploy":
+            deploy_version(file_session, FakeStore(), bus, 2, None, mode="direct", shadow_frames=10,
+                           presign_seconds=60, actor="a")
+        else:
+            rollback_version(file_session, FakeStore(), bus, key, 2, None, reason="r", presign_seconds=60,
+                             actor="a")
+    file_session.expire_all()
+    rows = file_session.scalars(select(Deployment).order_by(Deployment.id)).all()
+    sent_ids = {c.command_id for c in bus.sent}
+    assert [r.command_id in sent_ids for r in rows] == [True, True, False, False, False]
+    assert [r.state for r in rows] == ["sent", "sent", "failed", "failed", "failed"]
+    assert all(r.reason.startswith("command not sent: the client is not currently connected") for r in rows[2:])
