@@ -40,7 +40,7 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
     store.ensure_bucket()
     key = ensure_signing_key(settings.signing_key or settings.data_dir / "keys" / "signing-key.pem")
     publisher = ModelPublisher(sessions, store, key, settings.model_name, settings.class_names)
-    accounts = make_broker_accounts(settings)  # None: enrollment answers 503
+    accounts = make_broker_accounts(settings, sessions=sessions)  # None: enrollment answers 503
 
     alerts = AlertService(sessions, webhook_url=settings.alert_webhook_url)
     ctx = ServerContext(settings=settings, engine=engine, sessions=sessions, store=store, bus=None,
@@ -78,7 +78,7 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
         from server.fleet_convergence import make_fleet_convergence
 
         ctx.convergence = make_fleet_convergence(ctx, key)
-    ctx.ingest.on_drift = ctx.drift.handle
+    ctx.ingest.on_drift = ctx.drift.handle_many
     if connect_mqtt and settings.ingest.dispatcher:
         from server.ingest_queues import DispatcherConfig, IngestDispatcher
 
@@ -99,6 +99,7 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
 
 
 def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAPI:
+    from server.api.broker_hooks import router as broker_hooks_router
     from server.api.drift_routes import router as drift_router
     from server.api.fleet_routes import router as fleet_router
     from server.api.input_guards import install_input_guards
@@ -146,6 +147,7 @@ def create_app(settings: ServerSettings, *, connect_mqtt: bool = True) -> FastAP
     app.include_router(registry_router)
     app.include_router(rollout_router)
     app.include_router(drift_router)
+    app.include_router(broker_hooks_router)
     app.include_router(dashboard_router)
     document_api(app)
     install_input_guards(app)  # NUL in the URL, values the database refuses: 422, not 500

@@ -66,7 +66,8 @@ class IngestService:
         self._on_threshold = on_threshold
         # The rollout controller: records status, update and shadow messages in ingest's transaction.
         self.rollouts: ReportRecorder | None = None
-        self.on_drift: Callable[[DriftReport], object] | None = None  # server.drift.monitor.DriftMonitor.handle
+        # server.drift.monitor.DriftMonitor.handle_many: a batch of windows, scored in one transaction.
+        self.on_drift: Callable[[Sequence[DriftReport]], object] | None = None
         self._stop = threading.Event()
         self._rechecker: threading.Thread | None = None
 
@@ -100,7 +101,7 @@ class IngestService:
             self._on_heartbeat(message)
         elif isinstance(message, DriftReport):
             if self.on_drift is not None:
-                self.on_drift(message)
+                self.on_drift([message])
         elif isinstance(message, DEVICE_EVENTS):
             self.process_events([message])
 
@@ -109,6 +110,18 @@ class IngestService:
         dispatcher's event workers); returns each item's message (None if refused by the protocol)."""
         messages = [self.decode(topic, payload) for topic, payload in items]
         self.process_events([m for m in messages if m is not None])
+        return messages
+
+    def handle_drift(self, items: Sequence[tuple[str, bytes]]) -> list:
+        """Decode a batch of drift windows and hand them to the drift monitor together (the
+        dispatcher's drift worker); returns each item's message (None if refused by the protocol)."""
+        messages = [self.decode(topic, payload) for topic, payload in items]
+        reports = [m for m in messages if isinstance(m, DriftReport)]
+        for m in messages:
+            if m is not None and not isinstance(m, DriftReport):
+                self.process(m)  # not drift after all (a topic the dispatcher filed here): the usual path
+        if reports and self.on_drift is not None:
+            self.on_drift(reports)
         return messages
 
     def process_events(self, messages: Sequence) -> None:

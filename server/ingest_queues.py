@@ -15,7 +15,8 @@ on the dispatcher's own threads:
   each with its own queue and a device always on the same one (a device's samples are stored in the
   order they came, as the agent's spool sent them), and one writer stores the validated rows in one
   transaction per ``sample_flush_interval``; a sample is acknowledged after its row is committed.
-- **drift**: one FIFO worker (the drift monitor scores per device, in order).
+- **drift**: one FIFO worker (the drift monitor scores per device, in order), which takes what its
+  queue holds (up to ``event_batch``) and scores it in one transaction, like an event worker.
 
 A slow sample therefore never delays a heartbeat or an update acknowledgement.
 
@@ -133,6 +134,7 @@ class IngestDispatcher:
         # Validated sample rows on their way to the writer (only with an ingest that can batch them).
         self._batch_samples = hasattr(ingest, "validate_sample") and hasattr(ingest, "store_samples")
         self._batch_events = hasattr(ingest, "handle_events")
+        self._batch_drift = hasattr(ingest, "handle_drift")
         self._sample_rows: queue.Queue = queue.Queue(cfg.sample_queue)
         self._hb = _Heartbeats()
         self._hb_lock = threading.Lock()
@@ -272,10 +274,10 @@ class IngestDispatcher:
             return
         self._stopping.clear()
         self._accepting = True
-        events = self._work_events if self._batch_events else self._work
+        events = self._work_batches if self._batch_events else self._work
         specs = [(f"ingest-event-{i}", events, q, EVENT) for i, q in enumerate(self._events)]
         specs += [(f"ingest-sample-{i}", self._work, q, SAMPLE) for i, q in enumerate(self._samples)]
-        specs += [("ingest-drift", self._work, self._drift, DRIFT)]
+        specs += [("ingest-drift", self._work_batches if self._batch_drift else self._work, self._drift, DRIFT)]
         for name, target, q, cls in specs:
             thread = threading.Thread(target=target, args=(q, cls), name=name, daemon=True)
             self._threads.append(thread)
@@ -357,8 +359,10 @@ class IngestDispatcher:
                     self._outstanding(-1)
                     self._notify()
 
-    def _work_events(self, q: queue.Queue, cls: str) -> None:
-        """Whatever the queue holds, up to ``event_batch``, in one transaction (never waits to fill one)."""
+    def _work_batches(self, q: queue.Queue, cls: str) -> None:
+        """Whatever the queue holds, up to ``event_batch``, in one transaction (never waits to fill
+        one): events through ``handle_events``, drift windows through ``handle_drift``."""
+        handle = self._ingest.handle_events if cls == EVENT else self._ingest.handle_drift
         stopping = False
         while not stopping:
             first = q.get()
@@ -376,15 +380,15 @@ class IngestDispatcher:
                 batch.append(item)
             outcome, messages = "ok", []
             try:
-                messages = [m for m in self._ingest.handle_events([(i.topic, i.payload) for i in batch])
-                            if m is not None]
+                messages = [m for m in handle([(i.topic, i.payload) for i in batch]) if m is not None]
             except Exception:  # one bad batch must not end the worker
                 outcome = "failed"
-                log.exception("ingest.handler_failed", events=len(batch))
+                log.exception("ingest.handler_failed", cls=cls, messages=len(batch))
             finally:
                 _call_all([item.ack for item in batch if item.ack is not None])
-                metrics.INGEST_EVENT_BATCH_SIZE.observe(len(batch))
-                self._finished(EVENT, outcome, messages, count=len(batch))
+                if cls == EVENT:
+                    metrics.INGEST_EVENT_BATCH_SIZE.observe(len(batch))
+                self._finished(cls, outcome, messages, count=len(batch))
                 self._outstanding(-len(batch))
                 self._notify()
 
