@@ -115,12 +115,43 @@ def server_subscriptions(shared_group: str | None = None, *, primary: bool = Tru
     return subscriptions
 
 
+# The device ACL model, in one place: a device writes (publishes) the channels it publishes and
+# reads (subscribes to) the ones the server publishes, on its own topics only. acl_patterns()
+# writes it for Mosquitto; device_may() answers it for a broker that asks per operation (EMQX).
+_DEVICE_ACCESS = {"device": "write", "server": "read"}  # TopicSpec.publisher -> the device's access
+_ACCESS_ACTION = {"write": "publish", "read": "subscribe"}  # MQTT operation an access grants
+
+
 def acl_patterns() -> list[str]:
     """Mosquitto ACL ``pattern`` lines for devices: each device writes only its own
     device channels and reads only its own commands. ``%u`` is the broker user name,
     which the broker also forces as client id (``use_username_as_clientid``)."""
     lines = []
     for spec in _SPECS.values():
-        access = "write" if spec.publisher == "device" else "read"
+        access = _DEVICE_ACCESS[spec.publisher]
         lines.append(f"pattern {access} {TOPIC_ROOT}/%u/{spec.channel.value}")
     return lines
+
+
+def device_may(username: str, topic: str, action: str) -> bool:
+    """Whether the device whose broker user name is ``username`` may ``action`` (``"publish"`` or
+    ``"subscribe"``) ``topic``: the rules of :func:`acl_patterns` with ``%u`` = ``username``, for a
+    broker that asks at each operation (EMQX's HTTP authorizer, server/api/broker_hooks.py).
+
+    ``topic`` must be one of the device's own topics exactly: a subscription filter with a wildcard
+    (``+``, ``#``), a shared subscription (``$share/...``) or any other ``$`` topic is refused, even
+    where it would only match the device's own topics; so is a user name that is not a device id."""
+    if not isinstance(topic, str) or any(c in topic for c in "+#\0"):
+        return False
+    try:
+        validate_device_id(username)
+    except TopicError:
+        return False
+    prefix = f"{TOPIC_ROOT}/{username}/"
+    if not topic.startswith(prefix):
+        return False
+    try:
+        spec = _SPECS[Channel(topic[len(prefix):])]
+    except ValueError:
+        return False
+    return _ACCESS_ACTION[_DEVICE_ACCESS[spec.publisher]] == action

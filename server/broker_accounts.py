@@ -17,8 +17,11 @@ Implementations (``settings.broker_accounts`` picks one, :func:`make_broker_acco
   its accounts' topic checks fall through to those patterns (the plugin in Mosquitto 2.0 has no
   ``%u`` of its own). Note: Mosquitto 2.0's plugin rewrites its whole JSON file after every
   command, so its cost per account grows with the number of accounts it holds.
-- An HTTP/DB-backed authenticator (EMQX) would need nothing written at all: it would read the
-  accounts the server keeps; it is not built yet.
+- :class:`DatabaseAccounts`: rows of the server's own database (table ``broker_accounts``), for
+  a broker that asks the server at every connect and publish/subscribe (EMQX's HTTP authenticator
+  and authorizer, answered by server/api/broker_hooks.py). Nothing is written to the broker:
+  enrollment writes the account in the same transaction as the device, a revocation deletes it,
+  and the broker's next check sees either. A batch of any size is one transaction.
 
 Every method is all or nothing for its batch: names and passwords are checked first, and a
 batch the broker refuses part of is undone.
@@ -26,18 +29,26 @@ batch the broker refuses part of is undone.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import secrets
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import structlog
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from protocol.topics import TopicError, validate_device_id
+from server.db.models import BrokerAccount, utcnow
 from server.stack.mosquitto import BrokerUsers, _check_password
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
     from server.settings import ServerSettings
 
 log = structlog.get_logger(__name__)
@@ -295,13 +306,165 @@ class _DynsecSession:
         return replies
 
 
+# ---------------------------------------------------------------------- database (EMQX HTTP hooks)
+
+# Salted SHA-256, not a slow hash (PBKDF2, bcrypt, argon2), and on purpose: a slow hash protects
+# passwords people choose, which can be guessed; these are random tokens the server generates
+# (secrets.token_urlsafe(24): 192 bits), which no dictionary or brute force reaches whatever the
+# hash. A slow hash would instead cost CPU at every connect: the broker asks at each (re)connect,
+# and 10,000 devices coming back after a broker restart would ask within seconds.
+_SALT_BYTES = 16
+_LOOKUP_CHUNK = 500  # usernames per IN (...): under SQLite's bound-parameter limit
+
+
+def _digest(salt_hex: str, password: str) -> str:
+    return hashlib.sha256(bytes.fromhex(salt_hex) + password.encode("utf-8")).hexdigest()
+
+
+_UNKNOWN_SALT = "00" * _SALT_BYTES
+
+
+class DatabaseAccounts:
+    """Device accounts as rows of ``broker_accounts`` in the server's database.
+
+    ``DatabaseAccounts(sessions)`` runs each call in a transaction of its own. Enrollment, which
+    holds a transaction of its own already (the device row, its API token), uses
+    :meth:`in_session`: the same interface inside the caller's transaction, so the account
+    commits or rolls back with the device (``transactional``: there is nothing to undo after a
+    failed commit) and, on SQLite, no second writer waits for the lock the first one holds."""
+
+    transactional = False
+
+    def __init__(self, sessions: sessionmaker[Session]):
+        self._sessions = sessions
+
+    def in_session(self, session: Session) -> SessionAccounts:
+        return SessionAccounts(session)
+
+    # -- the interface ---------------------------------------------------------------
+
+    def add_user(self, username: str, password: str) -> None:
+        self.add_users([Account(username, password)])
+
+    def remove_user(self, username: str) -> bool:
+        return self.remove_users([username]) == 1
+
+    def add_users(self, accounts: Sequence[tuple[str, str]]) -> None:
+        checked = check_accounts(accounts)
+        if not checked:
+            return
+        try:
+            with self._sessions() as session, session.begin():
+                SessionAccounts(session).add_users(checked)
+        except SQLAlchemyError as exc:  # the commit (a concurrent insert of the same name)
+            raise BrokerAccountsError(f"cannot write {len(checked)} broker accounts: {exc}") from exc
+
+    def remove_users(self, usernames: Sequence[str]) -> int:
+        try:
+            with self._sessions() as session, session.begin():
+                return SessionAccounts(session).remove_users(usernames)
+        except SQLAlchemyError as exc:
+            raise BrokerAccountsError(f"cannot remove broker accounts: {exc}") from exc
+
+    # -- what the hooks ask ------------------------------------------------------------
+
+    def verify(self, username: str, password: str) -> bool:
+        """Whether ``username`` has an account and ``password`` is its password."""
+        try:
+            validate_device_id(username)
+        except TopicError:
+            return False
+        with self._sessions() as session:
+            row = session.get(BrokerAccount, username)
+            salt, stored = (row.salt, row.password_hash) if row is not None else (_UNKNOWN_SALT, "")
+        # Hashed and compared either way, so that an unknown name takes as long as a wrong password.
+        return hmac.compare_digest(_digest(salt, password), stored) and row is not None
+
+    def exists(self, username: str) -> bool:
+        try:
+            validate_device_id(username)
+        except TopicError:
+            return False
+        with self._sessions() as session:
+            return session.scalar(select(BrokerAccount.username).where(BrokerAccount.username == username)) \
+                is not None
+
+    def users(self) -> list[str]:
+        with self._sessions() as session:
+            return list(session.scalars(select(BrokerAccount.username).order_by(BrokerAccount.username)))
+
+
+class SessionAccounts:
+    """:class:`DatabaseAccounts` inside a caller's transaction: flushed, never committed here."""
+
+    transactional = True
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def add_user(self, username: str, password: str) -> None:
+        self.add_users([Account(username, password)])
+
+    def remove_user(self, username: str) -> bool:
+        return self.remove_users([username]) == 1
+
+    def add_users(self, accounts: Sequence[tuple[str, str]]) -> None:
+        """Create or re-key every account: one bulk INSERT for the new ones and one bulk UPDATE
+        (by primary key) for the existing ones, whatever the number; no ORM object per row."""
+        checked = check_accounts(accounts)
+        if not checked:
+            return
+        now = utcnow()
+        rows = []
+        for account in checked:
+            salt = secrets.token_hex(_SALT_BYTES)
+            rows.append({"username": account.username, "password_hash": _digest(salt, account.password),
+                         "salt": salt, "updated_at": now})
+        try:
+            existing: set[str] = set()
+            for part in chunks([r["username"] for r in rows], _LOOKUP_CHUNK):
+                existing.update(self.session.scalars(
+                    select(BrokerAccount.username).where(BrokerAccount.username.in_(list(part)))))
+            new = [{**r, "created_at": now} for r in rows if r["username"] not in existing]
+            rekeyed = [r for r in rows if r["username"] in existing]
+            if new:
+                self.session.execute(insert(BrokerAccount), new)
+            if rekeyed:
+                self.session.execute(update(BrokerAccount), rekeyed)
+        except SQLAlchemyError as exc:
+            raise BrokerAccountsError(f"cannot write {len(rows)} broker accounts: {exc}") from exc
+
+    def remove_users(self, usernames: Sequence[str]) -> int:
+        names = list(dict.fromkeys(usernames))
+        removed = 0
+        try:
+            for part in chunks(names, _LOOKUP_CHUNK):
+                result = self.session.execute(
+                    delete(BrokerAccount).where(BrokerAccount.username.in_(list(part)))
+                    .execution_options(synchronize_session=False))
+                removed += result.rowcount
+        except SQLAlchemyError as exc:
+            raise BrokerAccountsError(f"cannot remove {len(names)} broker accounts: {exc}") from exc
+        return removed
+
+
 # ---------------------------------------------------------------------- from settings
 
 
-def make_broker_accounts(settings: ServerSettings) -> BrokerAccounts | None:
+def make_broker_accounts(settings: ServerSettings, *,
+                         sessions: sessionmaker[Session] | None = None) -> BrokerAccounts | None:
     """The implementation ``settings.broker_accounts`` names; None when it cannot be configured
-    (password file without a path), which makes enrollment answer 503."""
+    (password file without a path), which makes enrollment answer 503. ``sessions``: the server
+    database's session factory, where ``http`` keeps the accounts."""
     kind = settings.broker_accounts
+    if kind == "http":
+        if sessions is None:
+            raise ValueError("broker_accounts=http keeps the accounts in the server's database: "
+                             "make_broker_accounts needs its session factory")
+        if settings.broker_hook_token is None or not settings.broker_hook_token.get_secret_value():
+            log.warning("broker_accounts.no_hook_token",
+                        hint="set EDGELOOP_BROKER_HOOK_TOKEN: until then the broker hook routes answer 503")
+        return DatabaseAccounts(sessions)
     if kind == "dynamic_security":
         password = settings.mqtt_dynsec_password.get_secret_value() if settings.mqtt_dynsec_password else ""
         if not password:

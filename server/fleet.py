@@ -169,6 +169,13 @@ def _require_accounts(accounts) -> None:
                               "(set EDGELOOP_MQTT_PASSWORD_FILE and EDGELOOP_MQTT_BROKER_PID_FILE)")
 
 
+def _in_transaction(accounts, session: Session):
+    """Accounts kept in this database (server.broker_accounts.DatabaseAccounts) are written in the
+    caller's transaction: they commit or roll back with the device, with nothing to undo."""
+    join = getattr(accounts, "in_session", None)
+    return join(session) if join is not None else accounts
+
+
 def _add_broker_user(accounts, device_id: str, password: str) -> None:
     try:
         accounts.add_user(device_id, password)
@@ -190,7 +197,8 @@ def _commit_or_undo(session: Session, accounts, device_id: str) -> None:
         session.commit()
     except Exception:
         # The database refused: the broker must not keep a user the database does not know.
-        _remove_broker_user(accounts, device_id)
+        if not getattr(accounts, "transactional", False):
+            _remove_broker_user(accounts, device_id)
         raise
 
 
@@ -219,6 +227,7 @@ def enroll(
     A device id that is enrolled and not revoked is refused (409): taking over another
     device's identity needs an admin to revoke it first."""
     _require_accounts(accounts)
+    accounts = _in_transaction(accounts, session)
     now = now or utcnow()
     row = check_bootstrap_token(session, secret, now)
     consume_bootstrap_token(session, row, now)  # first: serialises enrollments with this token
@@ -255,6 +264,7 @@ def provision(
 ) -> tuple[Credentials, Device]:
     """An admin creates a device, or re-keys an existing one (its old token and password stop working)."""
     _require_accounts(accounts)
+    accounts = _in_transaction(accounts, session)
     now = now or utcnow()
     device = session.scalar(select(Device).where(Device.id == device_id).with_for_update())
     rekey = device is not None
@@ -282,6 +292,7 @@ def provision_many(
     from server.broker_accounts import Account, chunks
 
     _require_accounts(accounts)
+    accounts = _in_transaction(accounts, session)
     now = now or utcnow()
     ids = [d.device_id for d in devices]
     existing: dict[str, Device] = {}
@@ -325,6 +336,8 @@ def provision_many(
     try:
         session.commit()
     except Exception:
+        if getattr(accounts, "transactional", False):
+            raise
         try:
             if hasattr(accounts, "remove_users"):
                 accounts.remove_users(ids)
@@ -344,6 +357,7 @@ def revoke(session: Session, accounts, *, device_id: str, actor: str, source: st
     device = session.scalar(select(Device).where(Device.id == device_id).with_for_update())
     if device is None:
         raise FleetError(404, f"unknown device {device_id!r}")
+    accounts = _in_transaction(accounts, session)
     removed = _remove_broker_user(accounts, device_id) if accounts is not None else False
     tokens = revoke_tokens(session, device_id, Role.DEVICE)
     already = device.revoked

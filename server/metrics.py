@@ -57,6 +57,12 @@ DEVICES = Gauge("edgeloop_devices", "Enrolled devices by state (online, offline,
 ENROLLMENTS = Counter("edgeloop_enrollments_total", "Bootstrap-token enrollments by outcome (enrolled, "
                                                     "unknown_token, refused_token, conflict, rate_limited, error)",
                       ["outcome"])
+# The broker's HTTP authentication/authorization calls (server/api/broker_hooks.py, EMQX): hook is
+# authenticate or authorize; result allow, deny, unauthorized (wrong or missing hook token: the
+# broker's configuration does not match EDGELOOP_BROKER_HOOK_TOKEN) or unconfigured (no token set).
+BROKER_HOOKS = Counter("edgeloop_broker_hook_total", "Broker HTTP hook calls by hook (authenticate, authorize) "
+                                                     "and result (allow, deny, unauthorized, unconfigured)",
+                       ["hook", "result"])
 
 JOB_SECONDS = Histogram(
     "edgeloop_training_job_seconds", "Retrain job duration by outcome", ["outcome"],

@@ -265,11 +265,16 @@ class ServerSettings(BaseSettings):
     mqtt_broker_pid_file: Path | None = None
     mqtt_broker_log_file: Path | None = None  # lets enrollment wait until the broker reloaded
     # Where device broker accounts live (server/broker_accounts.py): "password_file" (the paths
-    # above; the embedded broker) or "dynamic_security" (Mosquitto's plugin, administered over MQTT
-    # as mqtt_dynsec_username, a user of its own with the plugin's admin role).
-    broker_accounts: Literal["password_file", "dynamic_security"] = "password_file"
+    # above; the embedded broker), "dynamic_security" (Mosquitto's plugin, administered over MQTT
+    # as mqtt_dynsec_username, a user of its own with the plugin's admin role) or "http" (rows of
+    # this server's database, which the broker asks about through the hook routes of
+    # server/api/broker_hooks.py: EMQX's HTTP authenticator and authorizer, deploy/emqx/).
+    broker_accounts: Literal["password_file", "dynamic_security", "http"] = "password_file"
     mqtt_dynsec_username: str = "_edgeloop-accounts"
     mqtt_dynsec_password: SecretStr | None = None
+    # The secret the broker sends to the hook routes (header "Authorization: Bearer <token>"); unset,
+    # the hook routes answer 503. A long random string, the same in the broker's configuration.
+    broker_hook_token: SecretStr | None = None
     # Most devices one bulk enrollment call takes (POST /api/v1/devices/bulk).
     bulk_enroll_max: int = Field(10_000, ge=1, le=10_000)
 

@@ -108,6 +108,21 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class BrokerAccount(Base):
+    """A device's broker account when the broker asks the server (``broker_accounts=http``:
+    server/broker_accounts.py DatabaseAccounts, server/api/broker_hooks.py): user name = device id,
+    salted SHA-256 of its server-generated password. No foreign key to devices: revoking a device
+    deletes its account and keeps the device row."""
+
+    __tablename__ = "broker_accounts"
+
+    username: Mapped[str] = mapped_column(String(64), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(64))  # hex SHA-256 of salt + password
+    salt: Mapped[str] = mapped_column(String(32))  # hex, 16 random bytes
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Sample(Base):
     __tablename__ = "samples"
     __table_args__ = (Index("ix_samples_status_snapshot", "status", "snapshot_id"),)

@@ -32,7 +32,10 @@ EXAMPLES = int(os.environ.get("EDGELOOP_FUZZ_EXAMPLES", "15"))
 
 @pytest.fixture
 def live(mqtt_broker, seaweedfs, tmp_path, database_url) -> Iterator[LiveServer]:
-    settings = server_settings(mqtt_broker, seaweedfs, tmp_path, database_url, port=LiveServer.free_port())
+    # The broker hook routes take the hook token, not an API token: the same string here, so that
+    # the fuzzer reaches their bodies too (unset, they would answer every call 503).
+    settings = server_settings(mqtt_broker, seaweedfs, tmp_path, database_url, port=LiveServer.free_port(),
+                               broker_hook_token=ADMIN)
     server = LiveServer(settings).start()
     try:
         yield server
