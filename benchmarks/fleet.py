@@ -111,13 +111,13 @@ class _Monitor:
         return lines[-1][:200] if lines else "-"
 
 
-def _wait(what, check, timeout):
+def _wait(what, check, timeout, every: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(every)
     raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
@@ -179,7 +179,7 @@ def run_size(server, broker, n: int, args, version: int, tmp: Path) -> dict:
     sim = subprocess.Popen(
         [sys.executable, "-m", "edgeloop", "simulate", "--devices", str(n), "--credentials", str(cred_file),
          "--mqtt-host", broker.host, "--mqtt-port", str(broker.port), "--heartbeat-seconds",
-         str(args.heartbeat_seconds), "--shadow-seconds", "1", "--drift-seconds", str(args.drift_seconds),
+         str(args.heartbeat_seconds), "--shadow-seconds", str(args.shadow_seconds), "--drift-seconds", str(args.drift_seconds),
          "--connects-per-second", "1000", "--json", str(out_file)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=sim_out, stderr=subprocess.STDOUT)
     sim_ps = psutil.Process(sim.pid)
@@ -209,6 +209,7 @@ def run_size(server, broker, n: int, args, version: int, tmp: Path) -> dict:
             "server_rss_mb": round(proc.memory_info().rss / 2**20, 1),
             "simulator_rss_mb": round(sim_ps.memory_info().rss / 2**20, 1),
         }
+        print(f"  steady window: {json.dumps(steady)}", file=sys.stderr, flush=True)  # kept if a later phase fails
 
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120) as api:
             # Fan-out: one direct deploy to every device; every ACTIVE seen by the server.
@@ -219,6 +220,8 @@ def run_size(server, broker, n: int, args, version: int, tmp: Path) -> dict:
             _wait("every device on the deployed version", lambda: _versions(server.ctx, ids) == {version: n},
                   120 + n / 20)
             acks_s = time.time() - t_post
+            print(f"  direct deploy to {n}: API {posted_s:.2f} s, every device on it {acks_s:.2f} s",
+                  file=sys.stderr, flush=True)
 
             # A whole rollout canary -> 100 %.
             t_roll = time.monotonic()
@@ -235,9 +238,10 @@ def run_size(server, broker, n: int, args, version: int, tmp: Path) -> dict:
                     "reason": "benchmark"})
             r.raise_for_status()
             rid = r.json()["id"]
+            # Polled once a second without the per-device lists, as a dashboard's summary would.
             body = _wait("the rollout to finish", lambda: (lambda b: b if b["state"] in
                           {"succeeded", "paused", "aborted", "rolled_back"} else None)(
-                api.get(f"/api/v1/rollouts/{rid}").json()), 300 + n / 10)
+                api.get(f"/api/v1/rollouts/{rid}", params={"devices": "false"}).json()), 300 + n / 10, every=1.0)
             rollout_s = time.monotonic() - t_roll
         rss_peak = proc.memory_info().rss
     except BaseException:
@@ -284,6 +288,9 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=100, help="fleet size measured first, same run (0: none)")
     parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
     parser.add_argument("--drift-seconds", type=float, default=60.0)
+    parser.add_argument("--shadow-seconds", type=float, default=5.0,
+                        help="one shadow report this often per shadowing device (an agent reports one per "
+                             "window of frames: 100 frames at 20 fps is 5 s)")
     parser.add_argument("--window", type=float, default=20.0, help="steady-state window, seconds")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -327,7 +334,8 @@ def main() -> None:
         broker.stop()
         shutil.rmtree(root, ignore_errors=True)
     report = {"baseline_devices": args.baseline or None, "runs": results, "load_average": os.getloadavg(),
-              "heartbeat_seconds": args.heartbeat_seconds, "total_seconds": round(time.monotonic() - started, 1)}
+              "heartbeat_seconds": args.heartbeat_seconds, "shadow_seconds": args.shadow_seconds,
+              "total_seconds": round(time.monotonic() - started, 1)}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

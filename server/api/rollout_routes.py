@@ -187,12 +187,17 @@ def list_rollouts(ctx: ServerContext = Depends(get_context), _: Principal = Depe
 @router.get("/rollouts/{rollout_id}", response_model=RolloutInfo, summary="One rollout with its waves and devices",
             responses=_errors(404))
 def get_rollout(rollout_id: DbId, ctx: ServerContext = Depends(get_context),
-                _: Principal = Depends(require(Role.VIEWER))) -> dict:
+                _: Principal = Depends(require(Role.VIEWER)),
+                devices: bool = Query(True, description="each wave's devices with their state and shadow "
+                                                        "figures; false: the waves' counts and gates only "
+                                                        "(what a poller of a 10,000-device rollout wants)")
+                ) -> dict:
     with ctx.sessions() as session:
         rollout = session.get(Rollout, rollout_id)
         if rollout is None:
             raise HTTPException(404, f"rollout {rollout_id} does not exist")
-        return api.rollout_dict(session, rollout)
+        return api.rollout_dict(session, rollout, devices=devices,
+                                cache=getattr(ctx.rollouts, "shadow_cache", None))
 
 
 def _act(action: str, rollout_id: int, body: RolloutAction | None, request: Request, ctx: ServerContext,

@@ -101,6 +101,7 @@ class DriftMonitor:
     def _handle(self, reports: Sequence[DriftReport]) -> list[Verdict | None]:
         verdicts: list[Verdict | None] = []
         todo: list[tuple] = []
+        refs: dict[int, object] = {}  # each version's reference, looked up (and requested) once a batch
         with self._sessions() as session:
             seen = set(session.scalars(select(DriftWindow.msg_id).where(
                 DriftWindow.msg_id.in_([r.msg_id for r in reports]))))
@@ -111,7 +112,7 @@ class DriftMonitor:
                     verdicts.append(None)  # QoS 1 redelivery (or twice in this batch)
                     continue
                 seen.add(report.msg_id)
-                verdicts.append(self._score(session, report, devices.get(report.device_id), todo))
+                verdicts.append(self._score(session, report, devices.get(report.device_id), todo, refs))
             # Windows are committed before any action: alerts, the scheduler and rollbacks write
             # through their own sessions, which an open write transaction here would block.
             session.commit()
@@ -119,7 +120,8 @@ class DriftMonitor:
             self._act(*item)
         return verdicts
 
-    def _score(self, session: Session, report: DriftReport, device: Device | None, todo: list) -> Verdict | None:
+    def _score(self, session: Session, report: DriftReport, device: Device | None, todo: list,
+               refs: dict[int, object]) -> Verdict | None:
         """Store and judge one window in the batch's transaction; what to act on goes to ``todo``."""
         if device is None or device.revoked:
             log.warning("drift.unknown_device", device=report.device_id)
@@ -128,10 +130,13 @@ class DriftMonitor:
         window = Window(frames=report.frames,
                         histograms={k: (h.edges, h.counts) for k, h in report.histograms.items()},
                         correction_rate=report.correction_rate, qa_frames=report.qa_frames)
-        reference = self.references.get(report.model_version) if report.model_version is not None else None
+        version = report.model_version
+        if version is not None and version not in refs:
+            refs[version] = self.references.get(version)
+            if refs[version] is None:
+                self.references.request(version)
+        reference = refs.get(version) if version is not None else None
         if reference is None:
-            if report.model_version is not None:
-                self.references.request(report.model_version)
             session.add(DriftWindow(scope=DEVICE, subject=report.device_id, msg_id=report.msg_id,
                                     model_version=report.model_version, window=report.window,
                                     frames=report.frames, status="no_reference",

@@ -21,7 +21,7 @@ from server.api.schemas import DB_ID_MAX
 from server.db.models import Device, ModelVersion, Rollout, RolloutDevice, RolloutWave, utcnow
 from server.deploy import DeployError, deployable
 from server.rollouts import plan
-from server.rollouts.evidence import shadow_totals, wave_verdict
+from server.rollouts.evidence import ShadowTotalsCache, shadow_totals, wave_verdict
 from server.rollouts.spec import RolloutCreate, WaveSpec
 
 
@@ -144,15 +144,19 @@ def _device_view(dev: RolloutDevice, device: Device | None, shadow) -> dict:
     }
 
 
-def rollout_dict(session: Session, rollout: Rollout, *, devices: bool = True, now: datetime | None = None) -> dict:
+def rollout_dict(session: Session, rollout: Rollout, *, devices: bool = True, now: datetime | None = None,
+                 cache: ShadowTotalsCache | None = None) -> dict:
     """The rollout with its waves, each wave's gates (live for the running wave, as decided for a
-    finished one) and, with ``devices``, each device's state and shadow figures."""
+    finished one) and, with ``devices``, each device's state and shadow figures. ``cache``: the
+    controller's shadow totals, so that a view costs what a controller pass does."""
     now = now or utcnow()
     waves = session.scalars(select(RolloutWave).where(RolloutWave.rollout_id == rollout.id)
                             .order_by(RolloutWave.position)).all()
     members = session.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)
                               .order_by(RolloutDevice.device_id)).all()
-    shadow = shadow_totals(session, members)
+    running = {w.position for w in waves if w.state == plan.WAVE_RUNNING}
+    # Without device lists only the running wave's verdict needs shadow figures.
+    shadow = shadow_totals(session, members if devices else [m for m in members if m.wave in running], cache)
     inventory = {d.id: d for d in session.scalars(
         select(Device).where(Device.id.in_([m.device_id for m in members])))} if devices and members else {}
     out_waves = []

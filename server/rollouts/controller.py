@@ -55,7 +55,7 @@ from server.db.models import (
 from server.deploy import bundle_url, deploy_command, rollback_command
 from server.fleet import device_query
 from server.rollouts import plan
-from server.rollouts.evidence import facts, shadow_totals, wave_verdict
+from server.rollouts.evidence import ShadowTotalsCache, facts, shadow_totals, wave_verdict
 from server.rollouts.gates import Verdict
 from server.rollouts.spec import Selector
 
@@ -94,6 +94,7 @@ class RolloutController:
         # (rollout, wave, attempt) -> when the wave last looked for devices to join, and how many of
         # those it wanted were offline then.
         self._topped_up: dict[tuple[int, int, int], tuple[datetime, int]] = {}
+        self.shadow_cache = ShadowTotalsCache()  # the gates' shadow totals (the API's views share it)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -529,7 +530,7 @@ class _Step:
             return
         if wave.reason.startswith("waiting for"):
             wave.reason = ""
-        verdict = wave_verdict(r, wave, devices, shadow_totals(self.session, devices), self.now)
+        verdict = wave_verdict(r, wave, devices, shadow_totals(self.session, devices, self.c.shadow_cache), self.now)
         self._verdicts[wave.position] = verdict
         if verdict.outcome == "fail":
             self._fail_wave(wave, verdict)

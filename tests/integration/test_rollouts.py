@@ -311,6 +311,11 @@ def test_good_candidate_reaches_every_device_through_a_server_restart_then_rolls
     assert [w["state"] for w in view["waves"]] == ["passed", "passed"]
     assert [len(w["devices"]) for w in view["waves"]] == [1, AGENTS - 1]
     assert view["waves"][1]["attempt"] == 1
+    # The summary a poller of a large rollout asks for: the same waves, counts and gates, no device lists.
+    summary = world.api.get(f"/api/v1/rollouts/{rid}", params={"devices": "false"}).json()
+    assert all("devices" not in w or w["devices"] is None for w in summary["waves"])
+    assert [(w["state"], w["device_counts"], w["gates"]) for w in summary["waves"]] == [
+        (w["state"], w["device_counts"], w["gates"]) for w in view["waves"]]
     assert all(agent.active_version == v2 for agent in world.agents.values())
     gates = {g["name"]: g for g in view["waves"][0]["gates"]}
     # The same weights: no frame where only one of them is right, so non-inferiority decides once

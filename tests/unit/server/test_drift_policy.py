@@ -401,3 +401,61 @@ def test_reference_service_stores_once_and_rebuilds_only_stale_or_forced(tmp_pat
     fresh.wait_idle(60)
     with sessions() as session:
         assert "no stored weights" in session.get(ReferenceRow, 3).error
+
+
+def _window_rows(h: Harness) -> list[tuple]:
+    with h.sessions() as session:
+        return [(w.scope, w.subject, w.window, w.status, w.drifting, w.state) for w in session.scalars(
+            select(DriftWindow).order_by(DriftWindow.id))]
+
+
+def test_a_batch_of_windows_is_judged_as_one_by_one_in_one_commit(tmp_path, base_ref):
+    """The dispatcher hands the monitor what its drift queue holds: the verdicts, stored windows
+    and actions are those of handling each window alone, the lookups and commit are once a batch."""
+    from sqlalchemy import event
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    # cam-1 drifts after three windows; cam-2's windows come between its.
+    looks = [("cam-1", {})] * 3 + [("cam-2", {})] + [("cam-1", {"brightness": 0.15})] * 4 + [("cam-2", {})]
+    alone, batched = Harness(tmp_path / "a", base_ref), Harness(tmp_path / "b", base_ref)
+    one_by_one = [alone.monitor.handle(alone.report(device=d, **look)) for d, look in looks]
+    reports = [batched.report(device=d, **look) for d, look in looks]
+    commits, before_actions = [], []
+    event.listen(batched.sessions.kw["bind"], "commit", lambda conn: commits.append(1))
+    act = batched.monitor._act
+    batched.monitor._act = lambda *a: (before_actions.append((len(commits), len(_window_rows(batched)))),
+                                       act(*a))[1]
+    together = batched.monitor.handle_many(reports + [reports[0]])  # and a redelivery inside the batch
+
+    assert [v.drift_event for v in together[:-1]] == [v.drift_event for v in one_by_one]
+    assert together[-1] is None and "raised" in [v.drift_event for v in together[:-1]]
+    assert _window_rows(batched) == _window_rows(alone)
+    assert batched.events() == alone.events() and batched.retrains and len(batched.retrains) == len(alone.retrains)
+    # Every window in one commit, before the first action (alerts and events commit their own rows).
+    assert before_actions and before_actions[0] == (1, len(_window_rows(alone)))
+
+
+def test_a_window_that_fails_in_a_batch_costs_only_itself(tmp_path, base_ref, monkeypatch):
+    h = Harness(tmp_path, base_ref)
+    reports = [h.report(device=f"cam-{1 + i % 2}") for i in range(5)]
+    poisoned = reports[2].msg_id
+    real = h.monitor._judge
+
+    def judge(session, scope, subject, version, window, components, *, msg_id=None, number=0):
+        if msg_id == poisoned:
+            raise RuntimeError("poisoned window")
+        return real(session, scope, subject, version, window, components, msg_id=msg_id, number=number)
+
+    monkeypatch.setattr(h.monitor, "_judge", judge)
+    verdicts = h.monitor.handle_many(reports)
+    assert [v is None for v in verdicts] == [False, False, True, False, False]
+    assert [row[2] for row in _window_rows(h) if row[0] == "device"] == [
+        r.window for r in reports if r.msg_id != poisoned]
+
+
+def test_a_batch_asks_for_a_missing_reference_once(tmp_path, base_ref):
+    h = Harness(tmp_path, base_ref)
+    verdicts = h.monitor.handle_many([h.report(version=9) for _ in range(20)])
+    assert verdicts == [None] * 20 and h.refs.requested == [9]
+    assert {row[3] for row in _window_rows(h)} == {"no_reference"} and len(_window_rows(h)) == 20
