@@ -72,6 +72,7 @@ class Counters:
     upload_failures: int = 0
     upload_errors: Counter = field(default_factory=Counter)  # "ExcType: message" -> count, for diagnosis
     uploads_started: int = 0
+    upload_retries: int = 0  # transport errors retried (as an agent's spool retries an upload)
     # (wall-clock time, device id, command type, version) of each command received
     command_log: list[tuple[float, str, str, int | None]] = field(default_factory=list)
     # (wall-clock time, device id, to_state, version) of each update event published
@@ -83,6 +84,7 @@ class Counters:
                 "connect_failures": self.connect_failures, "disconnects": self.disconnects,
                 "uploads": self.uploads, "upload_failures": self.upload_failures,
                 "uploads_started": self.uploads_started, "upload_errors": dict(self.upload_errors),
+                "upload_retries": self.upload_retries,
                 "command_times": _spans((t, f"{kind}:v{v}") for t, _d, kind, v in self.command_log),
                 "update_times": _spans((t, f"{state}:v{v}") for t, _d, state, v in self.update_log)}
 
@@ -458,12 +460,7 @@ class Fleet:
         headers = {"Authorization": f"Bearer {client.cred.api_token}"}
         self.counters.uploads_started += 1
         try:
-            response = await self._http.post(upload_path(client.device_id), headers=headers, json=UploadRequest(
-                sha256=sha, size_bytes=len(data), content_type="image/png").model_dump())
-            response.raise_for_status()
-            grant = UploadGrant.model_validate(response.json())
-            put = await self._http.put(grant.url, content=data, headers=grant.headers)
-            put.raise_for_status()
+            grant = await self._upload(client, headers, sha, data)
         except Exception as exc:  # httpx errors, a refused grant: counted, the device goes on
             self.counters.upload_failures += 1
             self.counters.upload_errors[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
@@ -472,6 +469,28 @@ class Fleet:
         self.counters.uploads += 1
         client.publish(client.model.sample_event(object_key=grant.object_key, sha256=sha, size_bytes=len(data),
                                                  width=size, height=size))
+
+
+    async def _upload(self, client: _Client, headers: dict, sha: str, data: bytes, attempts: int = 3) -> UploadGrant:
+        """The grant, then the PUT; a transport error (a keep-alive connection the server closed as
+        it was reused, a reset) is retried, as the agent's spool retries: both calls are idempotent."""
+        import httpx
+
+        for attempt in range(attempts):
+            try:
+                response = await self._http.post(upload_path(client.device_id), headers=headers, json=UploadRequest(
+                    sha256=sha, size_bytes=len(data), content_type="image/png").model_dump())
+                response.raise_for_status()
+                grant = UploadGrant.model_validate(response.json())
+                put = await self._http.put(grant.url, content=data, headers=grant.headers)
+                put.raise_for_status()
+                return grant
+            except httpx.TransportError:
+                if attempt == attempts - 1:
+                    raise
+                self.counters.upload_retries += 1
+                await asyncio.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
 
 __all__ = ["Counters", "Fleet", "FleetConfig", "png_bytes"]
