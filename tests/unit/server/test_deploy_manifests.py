@@ -751,8 +751,6 @@ def test_compose_server_settings_point_at_the_compose_services():
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] in settings.resolved_database_url()
 
 
-@pytest.mark.xfail(strict=True, reason="deploy/mosquitto/mosquitto.conf sets use_username_as_clientid above its "
-                   "listener: Mosquitto 2 then also opens its default listener on 1883 and exits (address in use)")
 def test_compose_broker_config_sets_listener_settings_on_its_listener():
     _assert_every_listener_forces_the_user_name((DEPLOY / "mosquitto" / "mosquitto.conf").read_text())
 

@@ -33,6 +33,8 @@ def test_tls_listener_keeps_password_auth_and_the_acl():
     assert tail == [
         "listener 18883 127.0.0.1",
         "protocol mqtt",
+        # A setting of each listener (Mosquitto 2): without it a device could take another's session.
+        "use_username_as_clientid true",
         "cafile /srv/mq/tls/ca.crt",
         "certfile /srv/mq/tls/server.crt",
         "keyfile /srv/mq/tls/server.key",
