@@ -2,7 +2,8 @@
 # Sets edgeloop up on a fresh Debian/Ubuntu machine:
 #   - Debian's mosquitto and postgresql (binaries only: the stack and the tests start their
 #     own instances on free ports), and skopeo (pushes `edgeloop bundle ... --oci` images to
-#     registries; the tests check those archives with it);
+#     registries; the tests check those archives with it), and docker-registry (the tests
+#     start their own OCI registry for `edgeloop bundle push/pull`; its service is not used);
 #   - Debian's chromium, for the dashboard's browser tests (Playwright drives it);
 #   - a Python virtual environment with every extra (server, training, dev), cached
 #     OUTSIDE the clone and keyed by the dependency files, so torch is installed once;
@@ -19,6 +20,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(
 command -v mosquitto_passwd >/dev/null 2>&1 || missing+=(mosquitto-clients)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
+# Debian's docker-registry (CNCF distribution): the tests push and pull bundles through a real one.
+command -v docker-registry >/dev/null 2>&1 || [ -x /usr/bin/docker-registry ] || missing+=(docker-registry)
 # Debian's chromium: the dashboard's browser tests drive it through Playwright (no browser download).
 command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing+=(chromium fonts-liberation)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -319,3 +319,93 @@ def bundle_from_oci(
     typer.echo(f"image digest: {image.manifest_digest}")
     if out is not None:
         typer.echo(f"bundle: {out} (sha256 {image.bundle_sha256})")
+
+
+# -- registry (OCI distribution spec) -------------------------------------------------
+
+
+@bundle_app.command("push")
+def bundle_push(
+    bundle: Annotated[Path, typer.Argument(help="Signed bundle to push.")],
+    ref: Annotated[
+        str, typer.Argument(help="HOST[:PORT]/NAME[:TAG]; the tag defaults to the bundle's version.")
+    ],
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Plain HTTP to a non-loopback registry (loopback always is).")
+    ] = False,
+    arch: Annotated[
+        str, typer.Option("--arch", callback=_check_architecture, help="Platform of the image (GOARCH).")
+    ] = DEFAULT_ARCHITECTURE,
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", help="Trusted public key file or folder: the bundle must verify first."),
+    ] = None,
+) -> None:
+    """Push a signed bundle to an OCI registry as the image `to-oci` builds; prints its digest.
+
+    Credentials, if the registry wants them: EDGELOOP_OCI_USERNAME / EDGELOOP_OCI_PASSWORD.
+    """
+    with _reported():
+        from firmware_bundles.oci_registry import push  # httpx: imported only when used
+
+        trust = TrustStore.from_path(key) if key is not None else None
+        result = push(bundle, ref, insecure=insecure, architecture=arch, trust=trust)
+    manifest = result.image.manifest
+    typer.echo(f"pushed {bundle}: {manifest.model_name} version {manifest.version} to {result.ref}")
+    typer.echo(f"layer digest: {result.image.layer_digest}")
+    typer.echo(f"digest: {result.manifest_digest}")
+
+
+@bundle_app.command("pull")
+def bundle_pull(
+    ref: Annotated[str, typer.Argument(help="HOST[:PORT]/NAME:TAG or HOST[:PORT]/NAME@sha256:DIGEST.")],
+    out: Annotated[Path, typer.Option("--out", help="Write the verified bundle here.")],
+    trust: Annotated[
+        Path | None, typer.Option("--trust", help="Trusted public key file, or a folder of *pub*.pem (required).")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Plain HTTP to a non-loopback registry (loopback always is).")
+    ] = False,
+    expect_version: Annotated[
+        int | None,
+        typer.Option("--expect-version", min=1, help="Refuse unless the signed bundle has this version."),
+    ] = None,
+    expect_name: Annotated[
+        str | None, typer.Option("--expect-name", help="Refuse unless the signed bundle is this model.")
+    ] = None,
+    retired: Annotated[
+        list[str] | None, typer.Option("--retired", help="Key id that no longer verifies (repeatable).")
+    ] = None,
+    max_bytes: Annotated[int, typer.Option("--max-bytes", min=1, help="Refuse blobs larger than this.")] = (
+        DEFAULT_MAX_BYTES
+    ),
+) -> None:
+    """Pull a bundle image from an OCI registry; write it only if its signature and files verify.
+
+    Credentials, if the registry wants them: EDGELOOP_OCI_USERNAME / EDGELOOP_OCI_PASSWORD.
+    """
+    with _reported():
+        if trust is None:
+            raise ValueError("pass --trust KEYS: a pulled bundle is written only once its signature verifies")
+        from firmware_bundles.oci_registry import pull  # httpx: imported only when used
+
+        store = TrustStore.from_path(trust, retired=retired or ())
+        if out.exists() and not out.is_file():
+            raise ValueError(f"{out} exists and is not a file")
+        # Pulled beside --out, checked, and only then moved into place.
+        staging = out.with_name(f".{out.name}.pulling")
+        try:
+            result = pull(ref, staging, trust=store, insecure=insecure, max_blob_bytes=max_bytes)
+            manifest = result.manifest
+            if expect_name is not None and manifest.model_name != expect_name:
+                raise ValueError(f"{ref} holds model {manifest.model_name!r}, expected {expect_name!r}")
+            if expect_version is not None and manifest.version != expect_version:
+                raise ValueError(
+                    f"{ref} holds {manifest.model_name} version {manifest.version}, expected version {expect_version}"
+                )
+            staging.replace(out)
+        finally:
+            staging.unlink(missing_ok=True)
+    typer.echo(f"OK: {manifest.model_name} version {manifest.version}, signed by key {manifest.key_id}")
+    typer.echo(f"digest: {result.manifest_digest}")
+    typer.echo(f"bundle: {out} (sha256 {result.bundle_sha256})")
