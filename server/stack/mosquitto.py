@@ -97,6 +97,11 @@ def server_topic_filter() -> str:
     return TOPIC_ROOT.split("/", 1)[0] + "/#"
 
 
+# Per client, global (per_listener_settings false): see render_config; deploy/k8s/broker.yaml and
+# deploy/mosquitto/mosquitto.conf carry the same lines (tests/unit/stack/test_stack_config.py).
+QUEUE_SETTINGS = ("max_inflight_messages 1000", "max_queued_messages 250000", "max_queued_bytes 536870912")
+
+
 def _listener_lines(host: str, port: int) -> list[str]:
     """A listener's opening lines. ``use_username_as_clientid`` is a setting of each listener in
     Mosquitto 2 (even with ``per_listener_settings false``): it must follow every ``listener``
@@ -140,6 +145,12 @@ def render_config(
         f"password_file {password_file}",
         f"acl_file {acl_file}",
         f"max_packet_size {int(max_packet_size)}",
+        # The server acknowledges device events once handled and may fall behind under a burst
+        # (every device of a wave reporting at once): Mosquitto's defaults (20 in flight, then
+        # 1,000 queued per client, then dropped) dropped QoS 1 events to it at 10,000 devices
+        # (benchmarks/fleet.py). A device gets a few commands at most; these bound the server's
+        # backlog at ~2 minutes of a 10,000-device fleet's traffic, and memory at 512 MiB.
+        *QUEUE_SETTINGS,
         "persistence true",
         f"persistence_location {str(persistence_dir).rstrip('/')}/",
         "persistence_file mosquitto.db",

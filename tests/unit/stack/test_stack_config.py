@@ -74,6 +74,22 @@ def test_mosquitto_config_locks_the_broker_down():
     assert not any(line.startswith("user ") for line in lines)
 
 
+def test_every_broker_config_lets_the_server_fall_behind_without_drops():
+    """Mosquitto drops what overflows a client's queue: the server's session must hold a burst.
+    The embedded broker, the k8s broker and the compose broker carry the same queue settings."""
+    from server.stack.mosquitto import QUEUE_SETTINGS
+
+    root = Path(__file__).resolve().parents[3]
+    configs = {"embedded": _directives(_config()),
+               "k8s": [line.strip() for line in (root / "deploy/k8s/broker.yaml").read_text().splitlines()],
+               "compose": [line.strip() for line in (root / "deploy/mosquitto/mosquitto.conf").read_text().splitlines()]}
+    for name, lines in configs.items():
+        for setting in QUEUE_SETTINGS:
+            assert setting in lines, (name, setting)
+    queued = int(next(s for s in QUEUE_SETTINGS if s.startswith("max_queued_messages ")).split()[1])
+    assert queued >= 10_000 * 2 * 5  # 10,000 devices, two QoS 1 messages each, 5 deep
+
+
 def test_mosquitto_config_names_the_account_it_drops_to():
     assert "user mosquitto" in _directives(_config(run_as="mosquitto"))
 
