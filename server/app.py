@@ -39,7 +39,8 @@ def build_context(settings: ServerSettings, *, connect_mqtt: bool = True) -> Ser
     )
     store.ensure_bucket()
     key = ensure_signing_key(settings.signing_key or settings.data_dir / "keys" / "signing-key.pem")
-    publisher = ModelPublisher(sessions, store, key, settings.model_name, settings.class_names)
+    publisher = ModelPublisher(sessions, store, key, settings.model_name, settings.class_names,
+                               oci_registry=settings.oci_registry, oci_insecure=settings.oci_insecure)
     accounts = make_broker_accounts(settings, sessions=sessions)  # None: enrollment answers 503
 
     alerts = AlertService(sessions, webhook_url=settings.alert_webhook_url)

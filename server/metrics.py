@@ -71,6 +71,10 @@ JOB_SECONDS = Histogram(
 STAGE_SECONDS = Gauge("edgeloop_training_stage_seconds", "Duration of the last job's stages", ["stage"])
 DEPLOY_COMMANDS = Counter("edgeloop_deploy_commands_total", "Deploy commands sent", ["mode"])
 ALERTS = Counter("edgeloop_alerts_total", "Alerts raised", ["kind"])
+# Bundle pushes to the OCI registry (settings.oci_registry) when a version is registered: pushed or failed
+# (the version is registered without an image; publish.oci_push_failed in the log has the error).
+OCI_PUSHES = Counter("edgeloop_oci_push_total", "Bundle pushes to the OCI registry by outcome (pushed, failed)",
+                     ["outcome"])
 
 # Rollouts: one series per (rollout, wave, state) set to 1 for the wave's current state and 0 for
 # the states it was in before, so `edgeloop_rollout_wave_state == 1` lists every wave's state.

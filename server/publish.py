@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from firmware_bundles import (
@@ -16,8 +19,13 @@ from firmware_bundles import (
     save_public_key,
     sha256_file,
 )
-from server import audit, registry
+from server import audit, metrics, registry
 from server.db.models import ModelVersion
+
+log = structlog.get_logger(__name__)
+
+# push(bundle_path, ref, *, insecure) -> an object with ``manifest_digest`` (firmware_bundles.oci_registry.push).
+OciPush = Callable[..., Any]
 
 
 def ensure_signing_key(path: Path):
@@ -34,15 +42,52 @@ def public_key_path(private_path: Path) -> Path:
     return private_path.with_name(private_path.stem + ".pub.pem")
 
 
-
 class ModelPublisher:
+    """Builds, stores and registers versions; with ``oci_registry`` set (``HOST[:PORT]/NAMESPACE``) every
+    registered version's bundle is also pushed to ``<oci_registry>/<model_name>:<version>``.
+
+    The object store is the first transport: a failed OCI push does not fail the registration. The
+    version is registered with ``oci_image`` None, the failure is logged (``publish.oci_push_failed``)
+    and counted (``edgeloop_oci_push_total{outcome="failed"}``); nothing retries it later.
+    """
+
     def __init__(self, sessions: sessionmaker[Session], store, private_key, model_name: str,
-                 class_names: list[str]) -> None:
+                 class_names: list[str], *, oci_registry: str = "", oci_insecure: bool = False,
+                 oci_push: OciPush | None = None) -> None:
         self._sessions = sessions
         self._store = store
         self._key = private_key
         self._model_name = model_name
         self._class_names = list(class_names)
+        self._oci_registry = oci_registry.strip().rstrip("/")
+        self._oci_insecure = oci_insecure
+        self._oci_push = oci_push
+
+    def push_oci(self, version: int, bundle: Path) -> str | None:
+        """Push the signed bundle as an OCI image; its digest reference (``host/ns/name@sha256:...``),
+        or None when no registry is configured or the push failed (logged and counted, never raised)."""
+        if not self._oci_registry:
+            return None
+        ref = f"{self._oci_registry}/{self._model_name}:{version}"
+        try:
+            from firmware_bundles.oci_registry import ImageRef  # needs httpx: imported only when configured
+
+            push = self._oci_push
+            if push is None:
+                from firmware_bundles.oci_registry import push
+            target = ImageRef.parse(ref)
+            result = push(bundle, target, insecure=self._oci_insecure)
+            digest = result.manifest_digest
+            image = str(ImageRef(target.host, target.name, digest=digest))
+        except Exception as exc:  # noqa: BLE001 - the version must be registered whatever the registry did
+            metrics.OCI_PUSHES.labels(outcome="failed").inc()
+            log.warning("publish.oci_push_failed", version=version, ref=ref, error=str(exc),
+                        error_type=type(exc).__name__, status=getattr(exc, "status", None),
+                        code=getattr(exc, "code", None))
+            return None
+        metrics.OCI_PUSHES.labels(outcome="pushed").inc()
+        log.info("publish.oci_pushed", version=version, ref=ref, image=image)
+        return image
 
     def build(self, *, onnx: Path, version: int, out: Path, imgsz: int, lineage: dict,
               metrics: dict[str, float], int8_onnx: Path | None = None) -> tuple[Path, str, int]:
@@ -84,11 +129,13 @@ class ModelPublisher:
         bundle, sha, size = self.build(onnx=onnx, version=version, out=work_dir / "bundle.tar", imgsz=imgsz,
                                        lineage={"model_name": self._model_name}, metrics=flat)
         keys = self.upload(version, pt=pt, onnx=onnx, bundle=bundle)
+        oci_image = self.push_oci(version, bundle)
         with self._sessions() as session:
             mv = session.get(ModelVersion, version)
             for key, value in keys.items():
                 setattr(mv, key, value)
             mv.bundle_sha256, mv.bundle_size = sha, size
+            mv.oci_image = oci_image
             registry.approve(session, version, actor)  # registering an external model is its approval
             audit.record(session, actor, "model.register", f"version:{version}", source)
             session.commit()

@@ -284,6 +284,14 @@ class ServerSettings(BaseSettings):
     s3_secure: bool = False
     s3_region: str = "us-east-1"
     s3_bucket: str = "edgeloop"
+    # Every registered version's signed bundle is also pushed as an OCI image to
+    # <oci_registry>/<model_name>:<version> (HOST[:PORT]/NAMESPACE, e.g. registry.example.com:5000/edgeloop;
+    # env EDGELOOP_OCI_REGISTRY; empty: off) and its digest reference recorded on the version. The object
+    # store stays the first transport: a failed push keeps the version and is logged and counted
+    # (edgeloop_oci_push_total{outcome="failed"}). Credentials: EDGELOOP_OCI_USERNAME / EDGELOOP_OCI_PASSWORD.
+    oci_registry: str = Field("", pattern=r"^$|^[A-Za-z0-9.\[\]:-]+/[a-z0-9._/-]+$", max_length=255)
+    # Plain HTTP to a non-loopback registry (env EDGELOOP_OCI_INSECURE); loopback hosts always use HTTP.
+    oci_insecure: bool = False
 
     admin_token: SecretStr | None = None
     # Failed enrollments (unknown/expired/used-up bootstrap token) allowed per client address in a

@@ -41,7 +41,7 @@ def _model_dict(m: ModelVersion, aliases: dict[int, list[str]]) -> dict:
         "created_at": m.created_at, "parent_version": m.parent_version, "snapshot_id": m.snapshot_id,
         "job_id": m.job_id, "metrics": m.metrics, "gate": m.gate, "hyperparameters": m.hyperparameters,
         "class_names": m.class_names, "imgsz": m.imgsz, "bundle_sha256": m.bundle_sha256,
-        "bundle_size": m.bundle_size, "reason": m.reason,
+        "bundle_size": m.bundle_size, "oci_image": m.oci_image, "reason": m.reason,
     }
 
 

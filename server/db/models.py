@@ -200,6 +200,9 @@ class ModelVersion(Base):
     bundle_key: Mapped[str] = mapped_column(String(512), default="")
     bundle_sha256: Mapped[str] = mapped_column(String(64), default="")
     bundle_size: Mapped[int] = mapped_column(Integer, default=0)
+    # The bundle's OCI image by digest (host/ns/name@sha256:...) when settings.oci_registry is set and the
+    # push succeeded; None: no registry configured, or the push failed (publish.oci_push_failed in the log).
+    oci_image: Mapped[str | None] = mapped_column(String(512), default=None)
     reason: Mapped[str] = mapped_column(Text, default="")
     # Who approved the version for production ("policy:auto" when the gate's pass sufficed).
     approved_by: Mapped[str] = mapped_column(String(128), default="")

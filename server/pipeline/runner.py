@@ -559,7 +559,8 @@ class RetrainRunner:
         bundle, result = job.outputs["bundle"], job.outputs["train"]["result"]
         keys = self._publisher.upload(bundle["version"], pt=Path(result["best_pt"]), onnx=Path(result["onnx"]),
                                       bundle=Path(bundle["path"]))
-        return {"keys": keys}
+        # None when no OCI registry is configured or the push failed (logged, counted; the version stays).
+        return {"keys": keys, "oci_image": self._publisher.push_oci(bundle["version"], Path(bundle["path"]))}
 
     def _commit(self, job: _Job) -> dict:
         """The commit point, one transaction: the snapshot is recorded and its samples consumed, the
@@ -604,6 +605,7 @@ class RetrainRunner:
                 for key, value in job.outputs["register"]["keys"].items():
                     setattr(mv, key, value)
                 mv.bundle_sha256, mv.bundle_size = job.outputs["bundle"]["sha256"], job.outputs["bundle"]["size"]
+                mv.oci_image = job.outputs["register"].get("oci_image")
             session.flush()
             if automatic:
                 # With auto-deploy the rollout makes it production when it completes.
