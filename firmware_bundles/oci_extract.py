@@ -106,6 +106,27 @@ def _safe_members(tar: tarfile.TarFile, what: str) -> dict[str, tarfile.TarInfo]
     return members
 
 
+def json_object(name: str, data: bytes, error: type[Exception] = OciArchiveError) -> dict[str, Any]:
+    """``data`` parsed as a JSON object, or ``error`` saying why not (an archive's or a registry's)."""
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{name} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise error(f"{name} is not a JSON object")
+    return value
+
+
+def describe(descriptor: object, what: str, error: type[Exception] = OciArchiveError) -> tuple[str, int]:
+    """A descriptor's hex sha256 digest and size, or ``error`` saying which is missing."""
+    if not isinstance(descriptor, dict):
+        raise error(f"{what} descriptor is not a JSON object")
+    size = descriptor.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise error(f"{what} descriptor has no valid size")
+    return _hex_of(descriptor.get("digest"), what), size
+
+
 class _OciArchive:
     """An opened oci-archive; every blob read back is checked against its digest and size."""
 
@@ -155,14 +176,7 @@ class _OciArchive:
                 raise TruncatedBundle(f"OCI archive is truncated inside {name} ({exc})") from None
 
     def read_json(self, name: str, raw: bytes | None = None) -> dict[str, Any]:
-        data = self.read_small(name) if raw is None else raw
-        try:
-            value = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise OciArchiveError(f"{name} is not valid JSON ({exc})") from None
-        if not isinstance(value, dict):
-            raise OciArchiveError(f"{name} is not a JSON object")
-        return value
+        return json_object(name, self.read_small(name) if raw is None else raw)
 
     def blob_json(self, descriptor: object, what: str) -> dict[str, Any]:
         hex_digest, size = self._describe(descriptor, what)
@@ -183,12 +197,7 @@ class _OciArchive:
 
     @staticmethod
     def _describe(descriptor: object, what: str) -> tuple[str, int]:
-        if not isinstance(descriptor, dict):
-            raise OciArchiveError(f"{what} descriptor is not a JSON object")
-        size = descriptor.get("size")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise OciArchiveError(f"{what} descriptor has no valid size")
-        return _hex_of(descriptor.get("digest"), what), size
+        return describe(descriptor, what)
 
 
 def _tag(descriptor: dict[str, Any]) -> object:

@@ -59,6 +59,8 @@ from firmware_bundles.oci_extract import (
     _OciArchive,
     _read_image,
     _rebuild_from_layer,
+    describe,
+    json_object,
 )
 from firmware_bundles.reader import DEFAULT_MAX_BYTES, BundleReader
 from firmware_bundles.verify import Trust, as_trust_store, verify_bundle
@@ -635,23 +637,12 @@ class _RegistryImage:
         }
 
     def read_json(self, name: str, raw: bytes | None = None) -> dict[str, Any]:
-        data = self._files[name] if raw is None else raw
-        try:
-            value = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise OciRegistryError(f"{name} is not valid JSON ({exc})") from None
-        if not isinstance(value, dict):
-            raise OciRegistryError(f"{name} is not a JSON object")
-        return value
+        return json_object(name, self._files[name] if raw is None else raw, OciRegistryError)
 
     @staticmethod
     def _describe(descriptor: object, what: str) -> tuple[str, int]:
-        if not isinstance(descriptor, dict):
-            raise OciRegistryError(f"{what} descriptor is not a JSON object")
-        size = descriptor.get("size")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise OciRegistryError(f"{what} descriptor has no valid size")
-        return "sha256:" + _hex_of(descriptor.get("digest"), what), size
+        hex_digest, size = describe(descriptor, what, OciRegistryError)
+        return "sha256:" + hex_digest, size
 
     def blob_json(self, descriptor: object, what: str) -> dict[str, Any]:
         digest, size = self._describe(descriptor, what)

@@ -79,6 +79,16 @@ class BrokerAccounts(Protocol):
         """``remove_user`` for many; how many existed."""
 
 
+class _OneFromBatch:
+    """``add_user``/``remove_user`` as batches of one (each implementation writes batches)."""
+
+    def add_user(self, username: str, password: str) -> None:
+        self.add_users([Account(username, password)])
+
+    def remove_user(self, username: str) -> bool:
+        return self.remove_users([username]) == 1
+
+
 class BrokerAccountsError(RuntimeError):
     """The broker refused or did not answer an account change."""
 
@@ -119,7 +129,7 @@ class PasswordFileAccounts(BrokerUsers):
 # ---------------------------------------------------------------------- dynamic security
 
 
-class DynamicSecurityAccounts:
+class DynamicSecurityAccounts(_OneFromBatch):
     """Accounts in Mosquitto's dynamic-security plugin, changed over MQTT as ``username``.
 
     The admin needs the plugin's admin role (``mosquitto_ctrl dynsec init`` creates one) and a
@@ -140,12 +150,6 @@ class DynamicSecurityAccounts:
         self._lock = threading.Lock()
 
     # -- the interface ---------------------------------------------------------------
-
-    def add_user(self, username: str, password: str) -> None:
-        self.add_users([Account(username, password)])
-
-    def remove_user(self, username: str) -> bool:
-        return self.remove_users([username]) == 1
 
     def add_users(self, accounts: Sequence[tuple[str, str]]) -> None:
         checked = check_accounts(accounts)
@@ -324,7 +328,7 @@ def _digest(salt_hex: str, password: str) -> str:
 _UNKNOWN_SALT = "00" * _SALT_BYTES
 
 
-class DatabaseAccounts:
+class DatabaseAccounts(_OneFromBatch):
     """Device accounts as rows of ``broker_accounts`` in the server's database.
 
     ``DatabaseAccounts(sessions)`` runs each call in a transaction of its own. Enrollment, which
@@ -342,12 +346,6 @@ class DatabaseAccounts:
         return SessionAccounts(session)
 
     # -- the interface ---------------------------------------------------------------
-
-    def add_user(self, username: str, password: str) -> None:
-        self.add_users([Account(username, password)])
-
-    def remove_user(self, username: str) -> bool:
-        return self.remove_users([username]) == 1
 
     def add_users(self, accounts: Sequence[tuple[str, str]]) -> None:
         checked = check_accounts(accounts)
@@ -394,19 +392,13 @@ class DatabaseAccounts:
             return list(session.scalars(select(BrokerAccount.username).order_by(BrokerAccount.username)))
 
 
-class SessionAccounts:
+class SessionAccounts(_OneFromBatch):
     """:class:`DatabaseAccounts` inside a caller's transaction: flushed, never committed here."""
 
     transactional = True
 
     def __init__(self, session: Session):
         self.session = session
-
-    def add_user(self, username: str, password: str) -> None:
-        self.add_users([Account(username, password)])
-
-    def remove_user(self, username: str) -> bool:
-        return self.remove_users([username]) == 1
 
     def add_users(self, accounts: Sequence[tuple[str, str]]) -> None:
         """Create or re-key every account: one bulk INSERT for the new ones and one bulk UPDATE
