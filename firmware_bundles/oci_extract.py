@@ -316,6 +316,15 @@ class _Layer:
         return manifest, raw, slot
 
 
+def check_image_labels(image: _Image, manifest: BundleManifest, bundle_sha256: str) -> None:
+    """The image's config labels and manifest annotations say what the rebuilt, signed bundle says."""
+    expected = signed_labels(manifest, bundle_sha256)
+    container_config = image.config.get("config")
+    labels = container_config.get("Labels") if isinstance(container_config, dict) else None
+    _check_labels(labels, expected, "image config labels")
+    _check_labels(image.manifest.get("annotations"), expected, "image manifest annotations")
+
+
 def _rebuild_bundle(layer: _Layer, out: Path) -> BundleManifest:
     """Write the bundle held in the layer to ``out``; the caller verifies it."""
     manifest, manifest_bytes, slot = layer.manifest()
@@ -436,11 +445,7 @@ def extract_oci(
             bundle = _rebuild_from_layer(archive, image, work, max_bytes)
             manifest = verify_bundle(bundle, store, max_bytes=max_bytes)
             bundle_sha256 = sha256_file(bundle)
-            expected = signed_labels(manifest, bundle_sha256)
-            container_config = image.config.get("config")
-            labels = container_config.get("Labels") if isinstance(container_config, dict) else None
-            _check_labels(labels, expected, "image config labels")
-            _check_labels(image.manifest.get("annotations"), expected, "image manifest annotations")
+            check_image_labels(image, manifest, bundle_sha256)
             if out is not None:
                 os.replace(bundle, out)
                 fsync_dir(out.parent)

@@ -50,15 +50,14 @@ from firmware_bundles.oci import (
     REF_NAME,
     OciImage,
     export_oci,
-    signed_labels,
 )
 from firmware_bundles.oci_extract import (
     MAX_METADATA_BYTES,
-    _check_labels,
     _hex_of,
     _OciArchive,
     _read_image,
     _rebuild_from_layer,
+    check_image_labels,
     describe,
     json_object,
 )
@@ -700,11 +699,7 @@ def pull(
                 reader.check_files(manifest)
                 reader.check_no_extras(manifest)
         bundle_sha256 = sha256_file(bundle)
-        expected = signed_labels(manifest, bundle_sha256)
-        container_config = image.config.get("config")
-        labels = container_config.get("Labels") if isinstance(container_config, dict) else None
-        _check_labels(labels, expected, "image config labels")
-        _check_labels(image.manifest.get("annotations"), expected, "image manifest annotations")
+        check_image_labels(image, manifest, bundle_sha256)
         os.replace(bundle, out)
         fsync_dir(out.parent)
     finally:

@@ -10,21 +10,16 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
-import yaml
 from oci_registry_kit import MISSING_REASON, REGISTRY_BIN, Registry, running_registry
-from test_retrain_pipeline import GOOD, PROD, StandInExecutor, _add_samples
+from test_retrain_pipeline import GOOD, StandInExecutor, _add_samples, make_context
 
 from firmware_bundles import TrustStore, load_public_key, sha256_file
 from firmware_bundles.oci_registry import ImageRef, pull
 from server import metrics
-from server.app import build_context
 from server.db.models import ModelVersion, TrainingJob
 from server.pipeline.runner import RetrainRunner
 from server.publish import public_key_path
-from server.settings import ServerSettings
 from server.stack.ports import find_free_port
 
 pytestmark = [pytest.mark.integration]
@@ -39,25 +34,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _context(seaweedfs, tmp_path: Path, tiny_onnx, oci_registry: str):
-    replay = tmp_path / "replay"
-    (replay / "images" / "train").mkdir(parents=True)
-    for i in range(10):
-        cv2.imwrite(str(replay / "images" / "train" / f"b{i}.jpg"), np.full((32, 32, 3), i * 20, np.uint8))
-    (replay / "data.yaml").write_text(yaml.safe_dump({"path": str(replay), "train": "images/train",
-                                                      "val": "images/train", "names": {0: "a", 1: "b", 2: "c"}}))
-    settings = ServerSettings(
-        data_dir=tmp_path / "server", s3_endpoint=seaweedfs.endpoint, s3_access_key=seaweedfs.access_key,
-        s3_secret_key=seaweedfs.secret_key, s3_bucket=f"oci-{uuid.uuid4().hex[:8]}",
-        eval_sets={"golden": tmp_path / "golden.yaml"}, replay_data=replay / "data.yaml",
-        class_names=["a", "b", "c"], model_name=f"detector-{uuid.uuid4().hex[:6]}", oci_registry=oci_registry,
-    )
-    context = build_context(settings, connect_mqtt=False)
-    (tmp_path / "seed.pt").write_bytes(b"seed weights")
-    work = tmp_path / "register"
-    work.mkdir()
-    context.publisher.register_external(pt=tmp_path / "seed.pt", onnx=tiny_onnx("seed.onnx"), imgsz=32,
-                                        metrics=PROD, hyperparameters={}, actor="test", source="", work_dir=work)
-    return context
+    return make_context(seaweedfs, tmp_path, tiny_onnx, oci_registry=oci_registry,
+                        model_name=f"detector-{uuid.uuid4().hex[:6]}")
 
 
 def _run_pipeline(ctx, tiny_onnx) -> TrainingJob:

@@ -69,6 +69,13 @@ def any_db_ctx(seaweedfs, tmp_path, tiny_onnx, database_url):
 
 
 def _context(seaweedfs, tmp_path, tiny_onnx, database_url: str = ""):
+    context = make_context(seaweedfs, tmp_path, tiny_onnx, database_url=database_url)
+    yield context
+    context.engine.dispose()
+
+
+def make_context(seaweedfs, tmp_path, tiny_onnx, **settings):
+    """A server context on a fresh bucket with a registered seed (v1); ``settings`` override."""
     replay = tmp_path / "replay"
     (replay / "images" / "train").mkdir(parents=True)
     for i in range(10):
@@ -79,7 +86,7 @@ def _context(seaweedfs, tmp_path, tiny_onnx, database_url: str = ""):
         data_dir=tmp_path / "server", s3_endpoint=seaweedfs.endpoint, s3_access_key=seaweedfs.access_key,
         s3_secret_key=seaweedfs.secret_key, s3_bucket=f"pipe-{uuid.uuid4().hex[:8]}",
         eval_sets={"golden": tmp_path / "golden.yaml"}, replay_data=replay / "data.yaml",
-        class_names=["a", "b", "c"], database_url=database_url,
+        class_names=["a", "b", "c"], **settings,
     )
     context = build_context(settings, connect_mqtt=False)
     seed_onnx = tiny_onnx("seed.onnx")
@@ -88,8 +95,7 @@ def _context(seaweedfs, tmp_path, tiny_onnx, database_url: str = ""):
     work.mkdir()
     context.publisher.register_external(pt=tmp_path / "seed.pt", onnx=seed_onnx, imgsz=32, metrics=PROD,
                                         hyperparameters={}, actor="test", source="", work_dir=work)
-    yield context
-    context.engine.dispose()
+    return context
 
 
 def _add_samples(ctx, n: int, device: str = "cam-1", start: int = 0, labels=None, predictions=None,
