@@ -115,11 +115,9 @@ class IngestService:
     def handle_drift(self, items: Sequence[tuple[str, bytes]]) -> list:
         """Decode a batch of drift windows and hand them to the drift monitor together (the
         dispatcher's drift worker); returns each item's message (None if refused by the protocol)."""
+        # decode() refuses any other type on the drift channel: what is not None is a DriftReport.
         messages = [self.decode(topic, payload) for topic, payload in items]
-        reports = [m for m in messages if isinstance(m, DriftReport)]
-        for m in messages:
-            if m is not None and not isinstance(m, DriftReport):
-                self.process(m)  # not drift after all (a topic the dispatcher filed here): the usual path
+        reports = [m for m in messages if m is not None]
         if reports and self.on_drift is not None:
             self.on_drift(reports)
         return messages
