@@ -209,3 +209,14 @@ def meddling_proxy(upstream: str) -> Iterator[MeddlingProxy]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def module_registry(tmp_path_factory) -> Iterator[Registry]:
+    """The body of a module-scoped ``registry`` fixture: a missing registry fails the tests that
+    need it (tests/integration/conftest.py), never skips them."""
+    import pytest
+
+    if REGISTRY_BIN is None:
+        pytest.fail(MISSING_REASON, pytrace=False)
+    with running_registry(tmp_path_factory.mktemp("oci-registry")) as reg:
+        yield reg

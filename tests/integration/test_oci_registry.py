@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 from oci_registry_kit import (
-    MISSING_REASON,
-    REGISTRY_BIN,
     Cut,
     Registry,
     Rewrite,
     meddling_proxy,
+    module_registry,
     running_registry,
 )
 from typer.testing import CliRunner
@@ -51,10 +50,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory):
-    if REGISTRY_BIN is None:  # a missing service fails the tests that need it (tests/integration/conftest.py)
-        pytest.fail(MISSING_REASON, pytrace=False)
-    with running_registry(tmp_path_factory.mktemp("oci-registry")) as reg:
-        yield reg
+    yield from module_registry(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

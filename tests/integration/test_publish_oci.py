@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from oci_registry_kit import MISSING_REASON, REGISTRY_BIN, Registry, running_registry
+from oci_registry_kit import Registry, module_registry
 from test_retrain_pipeline import GOOD, StandInExecutor, _add_samples, make_context
 
 from firmware_bundles import TrustStore, load_public_key, sha256_file
@@ -27,10 +27,7 @@ pytestmark = [pytest.mark.integration]
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory):
-    if REGISTRY_BIN is None:  # a missing service fails the tests that need it (tests/integration/conftest.py)
-        pytest.fail(MISSING_REASON, pytrace=False)
-    with running_registry(tmp_path_factory.mktemp("oci-registry")) as reg:
-        yield reg
+    yield from module_registry(tmp_path_factory)
 
 
 def _context(seaweedfs, tmp_path: Path, tiny_onnx, oci_registry: str):
