@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import or_, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -152,29 +152,26 @@ class RolloutController:
     def record(self, session: Session, messages) -> None:
         """What status, update and shadow messages mean for rollouts, in order, written in the
         caller's transaction (the caller commits, then nudges). One SELECT per table for the lot."""
-        reports = [m for m in messages if isinstance(m, (UpdateEvent, ShadowReport))]
-        if not reports:
-            return
-        ids = list({m.update_id for m in reports})
+        updates = [m for m in messages if isinstance(m, UpdateEvent)]
+        shadows = [m for m in messages if isinstance(m, ShadowReport)]
+        now = self._clock()
+        if updates:
+            self._record_updates(session, updates, now)
+        if shadows:
+            self._record_shadows(session, shadows, now)
+
+    def _record_updates(self, session: Session, updates: list[UpdateEvent], now: datetime) -> None:
+        ids = list({m.update_id for m in updates})
         by_command: dict[str, RolloutDevice] = {}
         for dev in session.scalars(select(RolloutDevice).where(or_(
                 RolloutDevice.deploy_command_id.in_(ids), RolloutDevice.rollback_command_id.in_(ids)))):
             for command_id in (dev.deploy_command_id, dev.rollback_command_id):
                 if command_id:
                     by_command[command_id] = dev
-        shadow_ids = [m.msg_id for m in reports if isinstance(m, ShadowReport)]
-        stored = set(session.scalars(select(RolloutShadowReport.msg_id).where(
-            RolloutShadowReport.msg_id.in_(shadow_ids)))) if shadow_ids else set()
-        now = self._clock()
-        for m in reports:
+        for m in updates:
             dev = by_command.get(m.update_id)
-            if dev is None or dev.device_id != m.device_id:
-                continue
-            if isinstance(m, UpdateEvent):
+            if dev is not None and dev.device_id == m.device_id:
                 self._record_update(dev, m, now)
-            elif m.update_id == dev.deploy_command_id and m.msg_id not in stored:
-                stored.add(m.msg_id)
-                self._record_shadow(session, dev, m, now)
 
     @staticmethod
     def _record_update(dev: RolloutDevice, m: UpdateEvent, now: datetime) -> None:
@@ -192,17 +189,37 @@ class RolloutController:
         dev.progress_at = dev.updated_at = now
 
     @staticmethod
-    def _record_shadow(session: Session, dev: RolloutDevice, m: ShadowReport, now: datetime) -> None:
-        session.add(RolloutShadowReport(
-            msg_id=m.msg_id, rollout_id=dev.rollout_id, device_id=m.device_id, deploy_command_id=m.update_id,
-            received_at=now, window=m.window, frames=m.frames_compared, frames_dropped=m.frames_dropped,
-            frames_skipped_budget=m.frames_skipped_budget, agreement=m.agreement,
-            confident_agreement=m.confident_agreement,
-            corrected_frames=m.corrected_frames, active_accuracy=m.active_accuracy,
-            candidate_accuracy=m.candidate_accuracy, candidate_only_correct=m.candidate_only_correct,
-            active_only_correct=m.active_only_correct, active_latency_ms_p99=m.active_latency_ms_p99,
-            candidate_latency_ms_p99=m.candidate_latency_ms_p99, errors=m.errors))
-        dev.progress_at = dev.updated_at = now
+    def _record_shadows(session: Session, shadows: list[ShadowReport], now: datetime) -> None:
+        # Shadow windows are most of what a wave sends (one per device every few seconds): plain
+        # rows, one multi-row INSERT and one UPDATE per batch, no ORM object per report.
+        ids = list({m.update_id for m in shadows})
+        owners = {command: (dev_id, rollout_id, device_id) for dev_id, rollout_id, device_id, command in
+                  session.execute(select(RolloutDevice.id, RolloutDevice.rollout_id, RolloutDevice.device_id,
+                                         RolloutDevice.deploy_command_id)
+                                  .where(RolloutDevice.deploy_command_id.in_(ids)))}
+        stored = set(session.scalars(select(RolloutShadowReport.msg_id).where(
+            RolloutShadowReport.msg_id.in_([m.msg_id for m in shadows]))))
+        rows, touched = [], set()
+        for m in shadows:
+            owner = owners.get(m.update_id)
+            if owner is None or owner[2] != m.device_id or m.msg_id in stored:
+                continue
+            stored.add(m.msg_id)
+            touched.add(owner[0])
+            rows.append(dict(
+                msg_id=m.msg_id, rollout_id=owner[1], device_id=m.device_id, deploy_command_id=m.update_id,
+                received_at=now, window=m.window, frames=m.frames_compared, frames_dropped=m.frames_dropped,
+                frames_skipped_budget=m.frames_skipped_budget, agreement=m.agreement,
+                confident_agreement=m.confident_agreement,
+                corrected_frames=m.corrected_frames, active_accuracy=m.active_accuracy,
+                candidate_accuracy=m.candidate_accuracy, candidate_only_correct=m.candidate_only_correct,
+                active_only_correct=m.active_only_correct, active_latency_ms_p99=m.active_latency_ms_p99,
+                candidate_latency_ms_p99=m.candidate_latency_ms_p99, errors=m.errors))
+        if rows:
+            session.execute(insert(RolloutShadowReport), rows)
+            session.execute(update(RolloutDevice).where(RolloutDevice.id.in_(touched))
+                            .values(progress_at=now, updated_at=now)
+                            .execution_options(synchronize_session=False))
 
     # ------------------------------------------------------------------ reconcile
 
