@@ -17,6 +17,7 @@ from server.rollouts.gates import (
     DeviceEvidence,
     ShadowTotals,
     ShadowWindow,
+    TotalsBuilder,
     Verdict,
     shadow_verdict,
     switch_verdict,
@@ -40,59 +41,116 @@ def shadow_totals(session: Session, devices: Iterable[RolloutDevice],
     by_command = {d.deploy_command_id: d.device_id for d in devices if d.deploy_command_id}
     if cache is not None:
         return cache.totals(session, by_command)
-    return {by_command[command]: totals(ws) for command, ws in _windows(session, list(by_command)).items()}
+    return {by_command[command]: totals(w for _, w in rows)
+            for command, rows in _windows(session, list(by_command)).items()}
 
 
-def _windows(session: Session, commands: list[str]) -> dict[str, list[ShadowWindow]]:
-    windows: dict[str, list[ShadowWindow]] = defaultdict(list)
-    if commands:
-        rows = session.scalars(select(RolloutShadowReport)
-                               .where(RolloutShadowReport.deploy_command_id.in_(commands)))
-        for r in rows:
-            windows[r.deploy_command_id].append(ShadowWindow(
-                frames=r.frames, agreement=r.agreement, confident_agreement=r.confident_agreement,
-                corrected_frames=r.corrected_frames,
-                active_accuracy=r.active_accuracy, candidate_accuracy=r.candidate_accuracy,
-                candidate_only_correct=r.candidate_only_correct, active_only_correct=r.active_only_correct,
-                active_latency_ms_p99=r.active_latency_ms_p99,
-                candidate_latency_ms_p99=r.candidate_latency_ms_p99, errors=r.errors,
-                at=r.received_at.timestamp() + r.window * 1e-6))
+_WINDOW_COLUMNS = (
+    RolloutShadowReport.deploy_command_id, RolloutShadowReport.received_at, RolloutShadowReport.window,
+    RolloutShadowReport.frames, RolloutShadowReport.agreement, RolloutShadowReport.confident_agreement,
+    RolloutShadowReport.corrected_frames, RolloutShadowReport.active_accuracy,
+    RolloutShadowReport.candidate_accuracy, RolloutShadowReport.candidate_only_correct,
+    RolloutShadowReport.active_only_correct, RolloutShadowReport.active_latency_ms_p99,
+    RolloutShadowReport.candidate_latency_ms_p99, RolloutShadowReport.errors)
+
+
+def _windows(session: Session, commands: list[str], after: datetime | None = None
+             ) -> dict[str, list[tuple[datetime, ShadowWindow]]]:
+    """Each command's windows (with when each was received), oldest first; only those received
+    after ``after`` when given."""
+    windows: dict[str, list[tuple[datetime, ShadowWindow]]] = defaultdict(list)
+    for start in range(0, len(commands), 500):
+        query = select(*_WINDOW_COLUMNS).where(RolloutShadowReport.deploy_command_id.in_(commands[start:start + 500]))
+        if after is not None:
+            query = query.where(RolloutShadowReport.received_at > after)
+        for (command, received, window, frames, agreement, confident, corrected, active_acc, candidate_acc,
+             candidate_only, active_only, active_p99, candidate_p99, errors) in session.execute(query):
+            windows[command].append((received, ShadowWindow(
+                frames=frames, agreement=agreement, confident_agreement=confident, corrected_frames=corrected,
+                active_accuracy=active_acc, candidate_accuracy=candidate_acc,
+                candidate_only_correct=candidate_only, active_only_correct=active_only,
+                active_latency_ms_p99=active_p99, candidate_latency_ms_p99=candidate_p99, errors=errors,
+                at=received.timestamp() + window * 1e-6)))
+    for rows in windows.values():
+        rows.sort(key=lambda row: row[1].at)
     return windows
 
 
+class _Entry:
+    __slots__ = ("builder", "newest", "totals")
+
+    def __init__(self) -> None:
+        self.builder = TotalsBuilder()
+        self.newest: datetime | None = None  # the latest received_at read
+        self.totals = ShadowTotals()
+
+
 class ShadowTotalsCache:
-    """Each deploy command's totals, recomputed only when its number of reports changed.
+    """Each deploy command's totals, extended with only the reports it has not read yet.
 
     Reports are only ever added (one row per message id, never updated), so an unchanged count is
-    an unchanged set of windows. A gate evaluation then costs one grouped count in SQL plus reading
-    the windows of the devices that reported since; rescanning every report of a 10,000-device wave
-    each pass (and each dashboard poll) was what held the server's one core. Thread-safe: the
+    an unchanged set of windows. A gate evaluation costs one grouped count in SQL, then for the
+    devices whose count moved, reading the reports received since the newest one already read and
+    adding them to that device's running sums (:class:`TotalsBuilder`). Rescanning every report of
+    a 10,000-device wave each pass (and each dashboard poll) was what held the server's one core.
+
+    A report committed late, with a received time older than one already read (another replica's
+    clock, a slow transaction), leaves the sums one short of the count: that device is then read
+    again in full, so nothing is ever missed for longer than one evaluation. Thread-safe: the
     controller and the API's views share one."""
 
     def __init__(self, max_entries: int = 200_000) -> None:
-        self._entries: dict[str, tuple[int, ShadowTotals]] = {}
+        self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._max = max_entries
 
     def totals(self, session: Session, by_command: dict[str, str]) -> dict[str, ShadowTotals]:
         if not by_command:
             return {}
-        counts = dict(session.execute(
-            select(RolloutShadowReport.deploy_command_id, func.count())
-            .where(RolloutShadowReport.deploy_command_id.in_(list(by_command)))
-            .group_by(RolloutShadowReport.deploy_command_id)).all())
-        with self._lock:
-            stale = [c for c, n in counts.items() if self._entries.get(c, (-1,))[0] != n]
-        fresh = _windows(session, stale)
-        with self._lock:
-            for command in stale:
-                windows = fresh.get(command, [])
-                # What was read, not what was counted: a report that landed in between is read next time.
-                self._entries[command] = (len(windows), totals(windows))
-            out = {by_command[c]: self._entries[c][1] for c in counts if c in self._entries}
-            if len(self._entries) > self._max:  # finished rollouts' commands
-                self._entries = {c: e for c, e in self._entries.items() if c in by_command}
-        return out
+        with self._lock:  # one evaluation at a time: two must not extend the same sums
+            return self._totals(session, by_command)
+
+    def _totals(self, session: Session, by_command: dict[str, str]) -> dict[str, ShadowTotals]:
+        commands = list(by_command)
+        counts: dict[str, int] = {}
+        for start in range(0, len(commands), 500):
+            counts.update(session.execute(
+                select(RolloutShadowReport.deploy_command_id, func.count())
+                .where(RolloutShadowReport.deploy_command_id.in_(commands[start:start + 500]))
+                .group_by(RolloutShadowReport.deploy_command_id)).all())
+        entries = {c: self._entries.get(c) for c in counts}
+        stale = [c for c, n in counts.items() if entries[c] is None or entries[c].builder.count != n]
+        extend = [c for c in stale if entries[c] is not None and entries[c].newest is not None]
+        extending = set(extend)
+        fresh = [c for c in stale if c not in extending]
+        if extend:
+            since = min(entries[c].newest for c in extend)
+            new = _windows(session, extend, after=since)
+            for command in extend:
+                entry = entries[command]
+                rows = [(r, w) for r, w in new.get(command, []) if r > entry.newest]
+                if rows and rows[0][1].at >= entry.builder.last_at:
+                    for _, window in rows:
+                        entry.builder.add(window)
+                    entry.newest = max(entry.newest, *(r for r, _ in rows))
+                if entry.builder.count != counts[command]:
+                    # A report older than the newest one read (or one that landed since the count):
+                    # read this device's reports again in full.
+                    fresh.append(command)
+                else:
+                    entry.totals = entry.builder.result()
+        if fresh:
+            full = _windows(session, fresh)
+            for command in fresh:
+                entry = entries[command] = _Entry()
+                for received, window in full.get(command, []):
+                    entry.builder.add(window)
+                    entry.newest = received if entry.newest is None else max(entry.newest, received)
+                entry.totals = entry.builder.result()
+        self._entries.update(entries)
+        if len(self._entries) > self._max:  # finished rollouts' commands
+            self._entries = {c: e for c, e in self._entries.items() if c in by_command}
+        return {by_command[c]: e.totals for c, e in entries.items()}
 
 
 def evidence(dev: RolloutDevice, shadow: ShadowTotals | None, now: datetime) -> DeviceEvidence:

@@ -1,5 +1,6 @@
 """The controller's shadow totals cache (server/rollouts/evidence.py ShadowTotalsCache): the same
-totals as reading every report, with only the devices that reported since read again."""
+totals as reading every report, with only the devices that reported since read again, and of
+those only the reports received since the newest one read."""
 
 from __future__ import annotations
 
@@ -50,9 +51,15 @@ def test_cached_totals_equal_a_full_read_and_reread_only_devices_that_reported(t
     rng, cache, t = random.Random(5), ShadowTotalsCache(), datetime(2026, 1, 1, tzinfo=UTC)
     read = []
     real = evidence._windows
-    monkeypatch.setattr(evidence, "_windows", lambda session, commands: (read.append(set(commands)),
-                                                                          real(session, commands))[1])
 
+    def spy(session, commands, after=None):
+        out = real(session, commands, after=after)
+        read.append((after is not None, set(commands)))
+        return out
+
+    monkeypatch.setattr(evidence, "_windows", spy)
+
+    reported: set[str] = set()
     for round_ in range(4):
         reporting = rng.sample(members, 5 if round_ else 20)
         with sessions() as session:
@@ -64,7 +71,12 @@ def test_cached_totals_equal_a_full_read_and_reread_only_devices_that_reported(t
         with sessions() as session:
             read.clear()
             cached = shadow_totals(session, members, cache)
-            assert read == [{d.deploy_command_id for d in reporting}]  # only those that reported since
+            # Only those that reported since: the ones read before, from their newest report on;
+            # the ones never read before, in full.
+            again = {d.deploy_command_id for d in reporting if d.deploy_command_id in reported}
+            first = {d.deploy_command_id for d in reporting} - again
+            assert read == [(flag, commands) for flag, commands in ((True, again), (False, first)) if commands]
+            reported |= first
             full = shadow_totals(session, members)
         assert cached == full  # the same ShadowTotals, window for window
 
@@ -84,4 +96,35 @@ def test_a_new_attempt_s_deploy_command_starts_from_nothing(tmp_path):
         assert set(shadow_totals(session, members, cache)) == {"cam-0", "cam-1"}
         members[0].deploy_command_id = uuid.uuid4().hex  # a retried wave issues a new deploy
         assert set(shadow_totals(session, members, cache)) == {"cam-1"}
+        assert shadow_totals(session, members, cache) == shadow_totals(session, members)
+
+
+def test_a_report_received_before_the_newest_one_read_is_still_counted(tmp_path):
+    # Another replica's clock, or a transaction that committed late: its received_at is older than
+    # what the cache already read, so reading "since the newest" would miss it.
+    _, sessions, rid, members = _world(tmp_path, 1)
+    cache, rng, t = ShadowTotalsCache(), random.Random(3), datetime(2026, 1, 1, tzinfo=UTC)
+    with sessions() as session:
+        session.add_all([_report(rid, members[0], rng, t), _report(rid, members[0], rng, t + timedelta(seconds=10))])
+        session.commit()
+        assert shadow_totals(session, members, cache)["cam-0"].windows == 2
+        session.add(_report(rid, members[0], rng, t + timedelta(seconds=5)))  # late, and older
+        session.commit()
+        cached = shadow_totals(session, members, cache)
+        assert cached["cam-0"].windows == 3
+        assert cached == shadow_totals(session, members)
+
+
+def test_many_devices_are_read_in_chunks_the_database_accepts(tmp_path):
+    # SQLite and PostgreSQL cap the parameters of one statement; a 10,000-device wave is read in parts.
+    _, sessions, rid, members = _world(tmp_path, 1200)
+    cache, rng, t = ShadowTotalsCache(), random.Random(4), datetime(2026, 1, 1, tzinfo=UTC)
+    with sessions() as session:
+        session.add_all([_report(rid, dev, rng, t) for dev in members])
+        session.commit()
+        for dev in members[::2]:
+            session.add(_report(rid, dev, rng, t + timedelta(seconds=1)))
+        cached = shadow_totals(session, members, cache)
+        session.commit()
+        assert len(cached) == 1200
         assert shadow_totals(session, members, cache) == shadow_totals(session, members)
