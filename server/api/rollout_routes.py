@@ -106,6 +106,8 @@ class WaveInfo(BaseModel):
     device_counts: dict[str, int]
     gates: list[GateInfo]
     verdict: Verdict | None = Field(description="the running wave's current verdict")
+    verdict_at: datetime | None = Field(None, description="when the verdict shown was reached: the rollout "
+                                                          "controller's last pass, or this request")
     devices: list[RolloutDeviceInfo] | None = Field(None, description="only on GET /rollouts/{id}")
 
 
@@ -197,7 +199,8 @@ def get_rollout(rollout_id: DbId, ctx: ServerContext = Depends(get_context),
         if rollout is None:
             raise HTTPException(404, f"rollout {rollout_id} does not exist")
         return api.rollout_dict(session, rollout, devices=devices,
-                                cache=getattr(ctx.rollouts, "shadow_cache", None))
+                                cache=getattr(ctx.rollouts, "shadow_cache", None),
+                                live=getattr(ctx.rollouts, "live_verdicts", None))
 
 
 def _act(action: str, rollout_id: int, body: RolloutAction | None, request: Request, ctx: ServerContext,

@@ -21,7 +21,7 @@ from server.api.schemas import DB_ID_MAX
 from server.db.models import Device, ModelVersion, Rollout, RolloutDevice, RolloutWave, utcnow
 from server.deploy import DeployError, deployable
 from server.rollouts import plan
-from server.rollouts.evidence import ShadowTotalsCache, shadow_totals, wave_verdict
+from server.rollouts.evidence import LiveVerdicts, ShadowTotalsCache, shadow_totals, wave_verdict
 from server.rollouts.spec import RolloutCreate, WaveSpec
 
 
@@ -145,36 +145,60 @@ def _device_view(dev: RolloutDevice, device: Device | None, shadow) -> dict:
 
 
 def rollout_dict(session: Session, rollout: Rollout, *, devices: bool = True, now: datetime | None = None,
-                 cache: ShadowTotalsCache | None = None) -> dict:
+                 cache: ShadowTotalsCache | None = None, live: LiveVerdicts | None = None) -> dict:
     """The rollout with its waves, each wave's gates (live for the running wave, as decided for a
     finished one) and, with ``devices``, each device's state and shadow figures. ``cache``: the
-    controller's shadow totals, so that a view costs what a controller pass does."""
+    controller's shadow totals, so that a view costs what a controller pass does; ``live``: the
+    controller's verdicts, used for the running wave while they are fresh (``verdict_at`` says
+    when the verdict shown was reached)."""
     now = now or utcnow()
     waves = session.scalars(select(RolloutWave).where(RolloutWave.rollout_id == rollout.id)
                             .order_by(RolloutWave.position)).all()
-    members = session.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)
-                              .order_by(RolloutDevice.device_id)).all()
-    running = {w.position for w in waves if w.state == plan.WAVE_RUNNING}
-    # Without device lists only the running wave's verdict needs shadow figures.
+    running = {w.position: w for w in waves if w.state == plan.WAVE_RUNNING}
+    known = {p: live.get(rollout.id, w, now) for p, w in running.items()} if live is not None else {}
+    if devices:
+        members = session.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)
+                                  .order_by(RolloutDevice.device_id)).all()
+        counts: dict[int, Counter] = {}
+        for m in members:
+            counts.setdefault(m.wave, Counter())[m.state] += 1
+    else:
+        # Counts in SQL; devices only of a running wave whose verdict must be computed here.
+        counts = {}
+        for wave_position, state, n in session.execute(
+                select(RolloutDevice.wave, RolloutDevice.state, func.count())
+                .where(RolloutDevice.rollout_id == rollout.id).group_by(RolloutDevice.wave, RolloutDevice.state)):
+            counts.setdefault(wave_position, Counter())[state] = n
+        judge = [p for p in running if known.get(p) is None]
+        members = session.scalars(select(RolloutDevice).where(
+            RolloutDevice.rollout_id == rollout.id, RolloutDevice.wave.in_(judge))
+            .order_by(RolloutDevice.device_id)).all() if judge else []
+    by_wave: dict[int, list[RolloutDevice]] = {}
+    for m in members:
+        by_wave.setdefault(m.wave, []).append(m)
     shadow = shadow_totals(session, members if devices else [m for m in members if m.wave in running], cache)
     inventory = {d.id: d for d in session.scalars(
         select(Device).where(Device.id.in_([m.device_id for m in members])))} if devices and members else {}
     out_waves = []
     for wave in waves:
-        wave_members = [m for m in members if m.wave == wave.position]
+        wave_members = by_wave.get(wave.position, [])
         entry: dict[str, Any] = {
             "index": wave.position, "name": wave.name, "percent": wave.percent, "count": wave.count,
             "target": wave.target, "state": wave.state, "phase": wave.phase or None, "attempt": wave.attempt,
             "started_at": wave.started_at, "finished_at": wave.finished_at, "reason": wave.reason,
-            "device_counts": dict(Counter(m.state for m in wave_members)),
-            "gates": list(wave.gate_results), "verdict": None,
+            "device_counts": dict(counts.get(wave.position, {})),
+            "gates": list(wave.gate_results), "verdict": None, "verdict_at": None,
         }
         if wave.state == plan.WAVE_RUNNING:
-            verdict = wave_verdict(rollout, wave, wave_members, shadow, now)
-            live = [g.as_dict() for g in verdict.gates]
-            names = {g["name"] for g in live}
+            fresh = known.get(wave.position)
+            if fresh is not None:
+                verdict, entry["verdict_at"] = fresh.verdict, fresh.at
+            else:
+                verdict, entry["verdict_at"] = wave_verdict(rollout, wave, wave_members, shadow, now), now
+            live_gates = [g.as_dict() for g in verdict.gates]
+            names = {g["name"] for g in live_gates}
             # In the switch phase the shadow gates are the ones decided when the wave was promoted.
-            entry["gates"] = [g for g in wave.gate_results if g["name"] not in names] + live
+            entry["gates"] = [g for g in wave.gate_results if g["name"] not in names] + live_gates
             entry["verdict"] = {"outcome": verdict.outcome, "reason": verdict.reason}
         if devices:
             entry["devices"] = [_device_view(m, inventory.get(m.device_id), shadow.get(m.device_id))

@@ -55,7 +55,14 @@ from server.db.models import (
 from server.deploy import bundle_url, deploy_command, rollback_command
 from server.fleet import device_query
 from server.rollouts import plan
-from server.rollouts.evidence import ShadowTotalsCache, facts, shadow_totals, wave_verdict
+from server.rollouts.evidence import (
+    LiveVerdict,
+    LiveVerdicts,
+    ShadowTotalsCache,
+    facts,
+    shadow_totals,
+    wave_verdict,
+)
 from server.rollouts.gates import Verdict
 from server.rollouts.spec import Selector
 
@@ -72,6 +79,7 @@ class _Pass:
     alerts: list[tuple[str, dict]] = field(default_factory=list)
     waves: list[tuple[str, str, list[dict]]] = field(default_factory=list)  # name, state, gates
     finished_at: datetime | None = None
+    live: LiveVerdict | None = None  # the running wave's verdict, as the pass left it
 
 
 class RolloutController:
@@ -95,6 +103,8 @@ class RolloutController:
         # those it wanted were offline then.
         self._topped_up: dict[tuple[int, int, int], tuple[datetime, int]] = {}
         self.shadow_cache = ShadowTotalsCache()  # the gates' shadow totals (the API's views share it)
+        # Each rollout's running wave's verdict after this replica's last pass (the API's views read it).
+        self.live_verdicts = LiveVerdicts(max_age=max(5.0, 3 * policy.reconcile_seconds))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -275,6 +285,7 @@ class RolloutController:
         return True
 
     def _after(self, rollout_id: int, done: _Pass) -> None:
+        self.live_verdicts.put(rollout_id, done.live)
         for name, state, gates in done.waves:
             metrics.set_wave_state(rollout_id, name, state)
             for g in gates:
@@ -351,6 +362,7 @@ class _Step:
         self._url: str | None = None
         self._verdicts: dict[int, Verdict] = {}
         self._offline: int | None = None  # what the wave's top-up found offline in this pass
+        self._live: LiveVerdict | None = None  # the last verdict this pass computed, with its wave
 
     # -------------------------------------------------------------- the pass
 
@@ -549,6 +561,7 @@ class _Step:
             wave.reason = ""
         verdict = wave_verdict(r, wave, devices, shadow_totals(self.session, devices, self.c.shadow_cache), self.now)
         self._verdicts[wave.position] = verdict
+        self._live = LiveVerdict(wave.position, wave.attempt, wave.phase, verdict, self.now)
         if verdict.outcome == "fail":
             self._fail_wave(wave, verdict)
         elif verdict.outcome == "undecided":
@@ -703,6 +716,10 @@ class _Step:
     # -------------------------------------------------------------- metrics
 
     def _export(self) -> None:
+        live = self._live
+        if live is not None and any((w.position, w.attempt, w.phase, w.state) ==
+                                    (live.position, live.attempt, live.phase, plan.WAVE_RUNNING) for w in self.waves):
+            self.outcome.live = live  # still the running wave as it was judged
         for wave in self.waves:
             verdict = self._verdicts.get(wave.position)
             gates = [g.as_dict() for g in verdict.gates] if verdict is not None else list(wave.gate_results)

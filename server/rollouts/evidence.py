@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select
@@ -151,6 +152,44 @@ class ShadowTotalsCache:
         if len(self._entries) > self._max:  # finished rollouts' commands
             self._entries = {c: e for c, e in self._entries.items() if c in by_command}
         return {by_command[c]: e.totals for c, e in entries.items()}
+
+
+@dataclass(frozen=True)
+class LiveVerdict:
+    """A running wave's verdict as the controller's last committed pass computed it."""
+
+    position: int
+    attempt: int
+    phase: str
+    verdict: Verdict
+    at: datetime
+
+
+class LiveVerdicts:
+    """The controller's latest verdict per rollout, for the API's views: a poller of a 10,000-device
+    rollout reads what the last pass decided on instead of evaluating every gate again. Only a
+    verdict for the wave as it stands (same position, attempt and phase) and at most ``max_age``
+    seconds old is handed out; otherwise the view computes its own. Thread-safe."""
+
+    def __init__(self, max_age: float) -> None:
+        self.max_age = max_age
+        self._latest: dict[int, LiveVerdict] = {}
+        self._lock = threading.Lock()
+
+    def put(self, rollout_id: int, live: LiveVerdict | None) -> None:
+        with self._lock:
+            if live is None:
+                self._latest.pop(rollout_id, None)
+            else:
+                self._latest[rollout_id] = live
+
+    def get(self, rollout_id: int, wave: RolloutWave, now: datetime) -> LiveVerdict | None:
+        with self._lock:
+            live = self._latest.get(rollout_id)
+        if live is None or (live.position, live.attempt, live.phase) != (wave.position, wave.attempt, wave.phase):
+            return None
+        age = (now - live.at).total_seconds()
+        return live if 0 <= age <= self.max_age else None
 
 
 def evidence(dev: RolloutDevice, shadow: ShadowTotals | None, now: datetime) -> DeviceEvidence:

@@ -534,3 +534,17 @@ def test_a_wave_whose_devices_are_unavailable_waits_for_them(tmp_path, column, a
     assert sorted(d["device_id"] for w in view["waves"] for d in w["devices"]) == ["cam-1", "cam-2"]
     assert all(agent.active == 2 for agent in sim.agents.values())
 
+
+
+def test_each_pass_leaves_the_running_wave_s_verdict_for_the_views(tmp_path):
+    sim = Sim(tmp_path, 5)
+    rid = sim.create()
+    sim.run_until(rid, lambda v: v["current_wave"] == 1 and v["waves"][1]["phase"] == "shadow")
+    sim.controller.reconcile_all()  # a pass over the wave as it stands now
+    with sim.sessions() as session:
+        rollout = session.get(Rollout, rid)
+        judged = api.rollout_dict(session, rollout, devices=False, now=sim.clock.now)
+        shown = api.rollout_dict(session, rollout, devices=False, now=sim.clock.now,
+                                 live=sim.controller.live_verdicts)
+    assert shown["waves"][1]["verdict_at"] == sim.clock.now  # the pass's, not judged again
+    assert shown == judged  # what the controller decided on is what the view would decide
