@@ -88,6 +88,7 @@ class _Monitor:
 
         proc = psutil.Process()
         last = {k: _counter(metrics.MESSAGES_RECEIVED, type=k) for k in self.KINDS}
+        passes = self._passes(metrics)
         cpu, t = proc.cpu_times(), time.monotonic()
         while not self._stop.wait(self.every):
             now = {k: _counter(metrics.MESSAGES_RECEIVED, type=k) for k in self.KINDS}
@@ -99,10 +100,20 @@ class _Monitor:
             blocked = sum(s.value for s in metrics.INGEST_BLOCKED_SECONDS.collect()[0].samples
                           if s.name.endswith("_total"))
             server_cpu = 100 * ((cpu1.user + cpu1.system) - (cpu.user + cpu.system)) / wall
+            passes1 = self._passes(metrics)
+            n, took = passes1[0] - passes[0], passes1[1] - passes[1]
+            controller = f"{n:.0f} passes, {took / n:.2f} s each" if n else "no pass"
             print(f"  [{time.strftime('%H:%M:%S')}] received {rates} | queued {depth} | network thread blocked "
-                  f"{blocked:.1f} s in all | server CPU {server_cpu:.0f} % | simulator: {self._sim_line()}",
-                  file=sys.stderr, flush=True)
-            last, cpu, t = now, cpu1, t1
+                  f"{blocked:.1f} s in all | rollout controller {controller} | server CPU {server_cpu:.0f} % | "
+                  f"simulator: {self._sim_line()}", file=sys.stderr, flush=True)
+            last, cpu, t, passes = now, cpu1, t1, passes1
+
+    @staticmethod
+    def _passes(metrics) -> tuple[float, float]:
+        """Rollout controller passes so far and the seconds they took (its histogram's count and sum)."""
+        samples = {s.name: s.value for s in metrics.ROLLOUT_PASS_SECONDS.collect()[0].samples}
+        return (next((v for k, v in samples.items() if k.endswith("_count")), 0.0),
+                next((v for k, v in samples.items() if k.endswith("_sum")), 0.0))
 
     def _sim_line(self) -> str:
         try:

@@ -28,12 +28,13 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -252,6 +253,7 @@ class RolloutController:
     def reconcile(self, rollout_id: int) -> bool:
         """One pass over one rollout, if this replica holds (or takes) its lease."""
         now = self._clock()
+        self._read_evidence_ahead(rollout_id, now)
         with self._sessions() as session:
             if not self._acquire(session, rollout_id, now):
                 return False
@@ -264,6 +266,29 @@ class RolloutController:
         self._after(rollout_id, done)
         self._publish(rollout_id)
         return True
+
+    def _read_evidence_ahead(self, rollout_id: int, now: datetime) -> None:
+        """Bring the shadow totals of the running wave up to date before the pass takes the lease.
+
+        On SQLite the pass holds the database's only write lock from its first statement to its
+        commit, and every ingest commit waits for it; the reports read here (most of a pass's work
+        in a large wave's shadow phase) are then no longer read under that lock, where only the few
+        that arrived in between are. Skipped while another replica holds the lease."""
+        with self._sessions() as session:
+            ours = session.scalar(select(Rollout.id).where(
+                Rollout.id == rollout_id,
+                or_(Rollout.lease_owner == self.owner, Rollout.lease_owner == "",
+                    Rollout.lease_expires_at.is_(None), Rollout.lease_expires_at < now)))
+            if ours is None:
+                return
+            running = dict(session.execute(
+                select(RolloutDevice.deploy_command_id, RolloutDevice.device_id)
+                .join(RolloutWave, and_(RolloutWave.rollout_id == RolloutDevice.rollout_id,
+                                        RolloutWave.position == RolloutDevice.wave))
+                .where(RolloutDevice.rollout_id == rollout_id, RolloutWave.state == plan.WAVE_RUNNING,
+                       RolloutDevice.deploy_command_id.is_not(None))).all())
+            if running:
+                self.shadow_cache.totals(session, running)
 
     def _acquire(self, session: Session, rollout_id: int, now: datetime) -> bool:
         if session.get_bind().dialect.name == "postgresql":
@@ -363,6 +388,8 @@ class _Step:
         self._verdicts: dict[int, Verdict] = {}
         self._offline: int | None = None  # what the wave's top-up found offline in this pass
         self._live: LiveVerdict | None = None  # the last verdict this pass computed, with its wave
+        self._new_commands: list[dict] = []  # rows _issue_commands writes at once
+        self._new_deployments: list[dict] = []
 
     # -------------------------------------------------------------- the pass
 
@@ -646,6 +673,15 @@ class _Step:
             if kind is None or (kind in (plan.DEPLOY, plan.PROMOTE) and not running):
                 continue
             self._issue(dev, kind)
+        # A wave's start issues a command per device: plain multi-row INSERTs, not an ORM object each,
+        # so that a 10,000-device wave holds the database's write lock for as short a time as it can.
+        if self._new_commands:
+            self.session.execute(insert(RolloutCommand), self._new_commands)
+            kinds = Counter(row["kind"] for row in self._new_commands)
+            log.info("rollout.commands", rollout=self.rollout.id, **kinds)
+        if self._new_deployments:
+            self.session.execute(insert(Deployment), self._new_deployments)
+        self._new_commands, self._new_deployments = [], []
 
     def _issue(self, dev: RolloutDevice, kind: str) -> None:
         r = self.rollout
@@ -669,17 +705,18 @@ class _Step:
             command = rollback_command(dev.device_id, dev.from_version, self.c._key, reason=reason,
                                        expires_at=expires_at, mv=target if url else None, url=url)
             dev.rollback_command_id, deployment_mode = command.command_id, "rollback"
-        self.session.add(RolloutCommand(command_id=command.command_id, rollout_id=r.id, device_id=dev.device_id,
-                                        wave=dev.wave, attempt=dev.attempt, kind=kind,
-                                        payload=encode_message(command).decode(), created_at=self.now))
+        self._new_commands.append(dict(
+            command_id=command.command_id, rollout_id=r.id, device_id=dev.device_id, wave=dev.wave,
+            attempt=dev.attempt, kind=kind, payload=encode_message(command).decode(), created_at=self.now))
         if deployment_mode is not None:  # also listed under /deployments, its state kept by ingest
-            self.session.add(Deployment(device_id=dev.device_id, command_id=command.command_id,
-                                        version=command.version if kind == plan.DEPLOY else dev.from_version,
-                                        mode=deployment_mode, reason=f"rollout {r.id}"))
+            self._new_deployments.append(dict(
+                device_id=dev.device_id, command_id=command.command_id,
+                version=command.version if kind == plan.DEPLOY else dev.from_version,
+                mode=deployment_mode, reason=f"rollout {r.id}"))
         dev.progress_at = dev.updated_at = self.now
         self._refresh(dev)
         self.outcome.acted = True
-        log.info("rollout.command", rollout=r.id, device=dev.device_id, kind=kind, command=command.command_id)
+        log.debug("rollout.command", rollout=r.id, device=dev.device_id, kind=kind, command=command.command_id)
 
     def _resend(self) -> None:
         """Publish again what a device has not acted on (it may have missed it; duplicates are ignored).

@@ -34,6 +34,7 @@ from server.db.models import (
     ModelVersion,
     Rollout,
     RolloutCommand,
+    RolloutDevice,
     utcnow,
 )
 from server.ingest import IngestService
@@ -548,3 +549,30 @@ def test_each_pass_leaves_the_running_wave_s_verdict_for_the_views(tmp_path):
                                  live=sim.controller.live_verdicts)
     assert shown["waves"][1]["verdict_at"] == sim.clock.now  # the pass's, not judged again
     assert shown == judged  # what the controller decided on is what the view would decide
+
+
+def test_the_running_wave_s_reports_are_read_before_the_lease_and_only_by_its_holder(tmp_path, monkeypatch):
+    sim = Sim(tmp_path, 5)
+    rid = sim.create()
+    sim.run_until(rid, lambda v: v["current_wave"] == 1 and v["waves"][1]["phase"] == "shadow"
+                  and v["waves"][1]["gates"] and any(d["shadow"] for d in v["waves"][1]["devices"]))
+    holder = sim.controller
+    standby = RolloutController(sim.sessions, FakeStore(), lambda: sim.bus, sim.key, sim.policy,
+                                presign_seconds=3600, clock=sim.clock, owner="replica-standby")
+    at_acquire = []
+    real = RolloutController._acquire
+
+    def spy(self, session, rollout_id, now):
+        at_acquire.append((self.owner, set(self.shadow_cache._entries)))
+        return real(self, session, rollout_id, now)
+
+    monkeypatch.setattr(RolloutController, "_acquire", spy)
+    holder.shadow_cache = type(holder.shadow_cache)()  # as after a restart: nothing read yet
+    holder.reconcile_all()
+    standby.reconcile_all()
+    with sim.sessions() as session:
+        wave = {d.device_id: d.deploy_command_id for d in session.scalars(
+            select(RolloutDevice).where(RolloutDevice.rollout_id == rid, RolloutDevice.wave == 1))}
+    # The holder had the running wave's reports before it took the lease; the standby read nothing.
+    assert at_acquire[0] == (holder.owner, set(wave.values()))
+    assert at_acquire[1] == ("replica-standby", set())
