@@ -315,10 +315,12 @@ def main() -> None:
 
     from dashboard_kit import LiveServer
 
+    from server.logging import configure_logging
     from server.settings import RolloutPolicy, ServerSettings
     from server.stack.mosquitto import MosquittoBroker
     from server.stack.seaweedfs import SeaweedS3
 
+    configure_logging()  # as `edgeloop server` does: info and up, structured
     root = Path(tempfile.mkdtemp(prefix="edgeloop-fleet-bench-"))
     os.chmod(root, 0o755)
     broker, s3 = MosquittoBroker(root / "mqtt"), SeaweedS3(root / "s3")

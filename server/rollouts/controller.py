@@ -104,8 +104,10 @@ class RolloutController:
         # those it wanted were offline then.
         self._topped_up: dict[tuple[int, int, int], tuple[datetime, int]] = {}
         self.shadow_cache = ShadowTotalsCache()  # the gates' shadow totals (the API's views share it)
-        # Each rollout's running wave's verdict after this replica's last pass (the API's views read it).
-        self.live_verdicts = LiveVerdicts(max_age=max(5.0, 3 * policy.reconcile_seconds))
+        # Each rollout's running wave's verdict after this replica's last pass (the API's views read it
+        # and show its time). A large wave's passes come seconds apart; a verdict older than the lease
+        # may be a dead replica's, so the view judges for itself then.
+        self.live_verdicts = LiveVerdicts(max_age=max(policy.lease_seconds, 3 * policy.reconcile_seconds))
 
     # ------------------------------------------------------------------ lifecycle
 
