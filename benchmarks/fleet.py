@@ -197,7 +197,8 @@ def run_size(server, broker, n: int, args, version: int, tmp: Path) -> dict:
     sim = subprocess.Popen(
         [sys.executable, "-m", "edgeloop", "simulate", "--devices", str(n), "--credentials", str(cred_file),
          "--mqtt-host", broker.host, "--mqtt-port", str(broker.port), "--heartbeat-seconds",
-         str(args.heartbeat_seconds), "--shadow-seconds", str(args.shadow_seconds), "--drift-seconds", str(args.drift_seconds),
+         str(args.heartbeat_seconds), *(["--shadow-seconds", str(args.shadow_seconds)] if args.shadow_seconds else []),
+         "--drift-seconds", str(args.drift_seconds),
          "--connects-per-second", "1000", "--json", str(out_file)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=sim_out, stderr=subprocess.STDOUT)
     sim_ps = psutil.Process(sim.pid)
@@ -306,9 +307,10 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=100, help="fleet size measured first, same run (0: none)")
     parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
     parser.add_argument("--drift-seconds", type=float, default=60.0)
-    parser.add_argument("--shadow-seconds", type=float, default=5.0,
-                        help="one shadow report this often per shadowing device (an agent reports one per "
-                             "window of frames: 100 frames at 20 fps is 5 s)")
+    parser.add_argument("--shadow-seconds", type=float, default=None,
+                        help="one shadow report this often per shadowing device (default: as an agent does, one "
+                             "per window of the deploy's shadow_frames at the device's frame rate; the server "
+                             "lengthens the windows of a large wave to its max_shadow_reports_per_second)")
     parser.add_argument("--window", type=float, default=20.0, help="steady-state window, seconds")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

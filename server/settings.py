@@ -156,6 +156,9 @@ class RolloutPolicy(BaseSettings):
     auto_waves: list[WaveSpec] = Field(default_factory=canary_then_fleet)
     # Frames per shadow report: the agent reports a window this long, again and again, until promoted.
     shadow_window_frames: int = Field(100, ge=1, le=1_000_000)
+    # What all devices of a wave may send in shadow windows together, per second: a wave large enough
+    # to send more at the rollout's window size is asked for longer windows (plan.shadow_window_frames).
+    max_shadow_reports_per_second: float = Field(400.0, gt=0)
     # A device that makes no progress (no state change, no shadow report) for this long counts as a
     # failed install, so one dead or slow device never holds a wave.
     device_timeout_seconds: float = Field(900.0, ge=5)

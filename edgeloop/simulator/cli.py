@@ -41,7 +41,9 @@ def simulate(
     mqtt_host: str = typer.Option("127.0.0.1", envvar="EDGELOOP_MQTT_HOST"),
     mqtt_port: int = typer.Option(1883, envvar="EDGELOOP_MQTT_PORT"),
     heartbeat_seconds: float = typer.Option(5.0, min=0.1),
-    shadow_seconds: float = typer.Option(2.0, min=0.1, help="one shadow window this often while shadowing"),
+    shadow_seconds: float | None = typer.Option(
+        None, min=0.1, help="one shadow window this often while shadowing (default: as an agent does, one per "
+                            "the deploy's shadow_frames at the device's frame rate)"),
     drift_seconds: float = typer.Option(0.0, min=0.0, help="one drift window per device this often (0: none)"),
     samples_per_minute: float = typer.Option(0.0, min=0.0, help="sample events with uploaded images, per device"),
     offline: float = typer.Option(0.0, min=0.0, max=1.0, help="share of devices that never come online"),

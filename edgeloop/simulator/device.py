@@ -119,7 +119,6 @@ class SimDevice:
     behaviour: str = NORMAL
     timings: Timings = field(default_factory=Timings)
     active_version: int | None = 1
-    window_frames: int = 100
     agreement: float = 0.96
     # firmware_bundles.verify_command-like callable; None: rollbacks are taken unverified.
     verify_rollback: Callable[[RollbackCommand], object] | None = None
@@ -151,6 +150,13 @@ class SimDevice:
     @property
     def shadowing(self) -> bool:
         return self.state == "SHADOWING"
+
+    @property
+    def shadow_window_seconds(self) -> float:
+        """How long one shadow window of the deploy's ``shadow_frames`` takes at this device's frame
+        rate: how often an agent reports one."""
+        fps = self.timings.fps * (0.5 if self.behaviour == SLOW else 1.0)
+        return self._shadow_frames / max(fps, 0.1)
 
     # ------------------------------------------------------------------ commands
 
@@ -288,7 +294,7 @@ class SimDevice:
         if not self.shadowing or self.candidate_version is None:
             return None
         self.shadow_window += 1
-        n = self.window_frames
+        n = self._shadow_frames  # the window the deploy asked for
         return ShadowReport(
             device_id=self.device_id, update_id=self.update_id or "", active_version=self.active_version,
             candidate_version=self.candidate_version, window=self.shadow_window, frames_compared=n,

@@ -44,14 +44,15 @@ class FleetConfig:
     host: str = "127.0.0.1"
     port: int = 1883
     heartbeat_seconds: float = 5.0
-    shadow_seconds: float = 2.0  # one shadow window this often while shadowing
+    # One shadow window this often while shadowing; None: as an agent does, one per the deploy's
+    # shadow_frames at the device's frame rate.
+    shadow_seconds: float | None = None
     drift_seconds: float = 0.0  # one drift window per device this often (0: none)
     samples_per_minute: float = 0.0  # per device; needs api_url and the devices' API tokens
     api_url: str | None = None
     connects_per_second: float = 400.0  # connection ramp (the broker's and the server's ingest)
     keepalive: int = 60
     active_version: int | None = 1
-    window_frames: int = 100
     image_size: int = 64
     profile: FleetProfile = field(default_factory=FleetProfile)
     timings: Timings = field(default_factory=Timings)
@@ -186,7 +187,7 @@ class _Client:
         if cfg.samples_per_minute > 0 and cfg.api_url and self.cred.api_token:
             self._later("sample", rng.expovariate(cfg.samples_per_minute / 60), self._sample)
         if self.model.shadowing:
-            self._later("shadow", cfg.shadow_seconds, self._shadow)
+            self._later("shadow", self._shadow_interval(), self._shadow)
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
         was = self.online
@@ -258,7 +259,7 @@ class _Client:
         self.publish(event)
         self.fleet.counters.update_log.append((time.time(), self.device_id, event.to_state, event.version))
         if event.to_state == "SHADOWING":
-            self._later("shadow", self.fleet.config.shadow_seconds, self._shadow)
+            self._later("shadow", self._shadow_interval(), self._shadow)
         elif event.to_state in ("ACTIVE", "ROLLED_BACK", "REJECTED", "FAILED"):
             self._cancel("shadow")
             self.publish(self.model.status_message("online"))  # the retained status follows the switch
@@ -268,12 +269,15 @@ class _Client:
         self.publish(self.model.heartbeat(interval))
         self._later("heartbeat", interval * self.fleet.rng.uniform(0.9, 1.1), self._heartbeat)
 
+    def _shadow_interval(self) -> float:
+        return self.fleet.config.shadow_seconds or self.model.shadow_window_seconds
+
     def _shadow(self) -> None:
         report = self.model.shadow_report()
         if report is None:
             return
         self.publish(report)
-        self._later("shadow", self.fleet.config.shadow_seconds, self._shadow)
+        self._later("shadow", self._shadow_interval(), self._shadow)
 
     def _drift(self) -> None:
         self.publish(self.model.drift_report())
@@ -341,7 +345,7 @@ class Fleet:
                 self.offline.append(cred.device_id)
                 continue
             model = SimDevice(cred.device_id, behaviour=behaviour, timings=config.timings,
-                              active_version=config.active_version, window_frames=config.window_frames,
+                              active_version=config.active_version,
                               verify_rollback=verify_rollback, rng=random.Random(f"{config.seed}:{cred.device_id}"))
             self.clients.append(_Client(self, cred, model))
 

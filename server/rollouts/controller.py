@@ -392,6 +392,7 @@ class _Step:
         self._live: LiveVerdict | None = None  # the last verdict this pass computed, with its wave
         self._new_commands: list[dict] = []  # rows _issue_commands writes at once
         self._new_deployments: list[dict] = []
+        self._window_frames: dict[str, int] = {}  # device -> frames per shadow window, for its deploy
 
     # -------------------------------------------------------------- the pass
 
@@ -670,10 +671,10 @@ class _Step:
 
     def _issue_commands(self) -> None:
         running = self.rollout.state == plan.RUNNING
-        for dev in self.devices:
-            kind = plan.next_command(facts(dev))
-            if kind is None or (kind in (plan.DEPLOY, plan.PROMOTE) and not running):
-                continue
+        due = [(dev, kind) for dev in self.devices if (kind := plan.next_command(facts(dev))) is not None
+               and not (kind in (plan.DEPLOY, plan.PROMOTE) and not running)]
+        self._window_frames = self._shadow_windows([dev for dev, kind in due if kind == plan.DEPLOY])
+        for dev, kind in due:
             self._issue(dev, kind)
         # A wave's start issues a command per device: plain multi-row INSERTs, not an ORM object each,
         # so that a 10,000-device wave holds the database's write lock for as short a time as it can.
@@ -685,13 +686,32 @@ class _Step:
             self.session.execute(insert(Deployment), self._new_deployments)
         self._new_commands, self._new_deployments = [], []
 
+    def _shadow_windows(self, deploying: list[RolloutDevice]) -> dict[str, int]:
+        """Frames per shadow window for each device about to be deployed: the rollout's, longer in a
+        wave large enough that the devices' reports together would exceed the policy's rate."""
+        if not deploying:
+            return {}
+        fps: dict[str, float | None] = {}
+        ids = [dev.device_id for dev in deploying]
+        for start in range(0, len(ids), 500):
+            for device_id, heartbeat in self.session.execute(
+                    select(Device.id, Device.last_heartbeat).where(Device.id.in_(ids[start:start + 500]))):
+                value = (heartbeat or {}).get("fps")
+                fps[device_id] = float(value) if isinstance(value, int | float) else None
+        sizes = Counter(dev.wave for dev in self.devices)
+        return {dev.device_id: plan.shadow_window_frames(self.rollout.shadow_frames, sizes[dev.wave],
+                                                         fps.get(dev.device_id),
+                                                         self.policy.max_shadow_reports_per_second)
+                for dev in deploying}
+
     def _issue(self, dev: RolloutDevice, kind: str) -> None:
         r = self.rollout
         reason = r.reason or f"rollout {r.id}"
         deployment_mode = None
         if kind == plan.DEPLOY:
             mv = self._version()
-            command = deploy_command(dev.device_id, mv, self._url, mode=r.mode, shadow_frames=r.shadow_frames,
+            frames = self._window_frames.get(dev.device_id, r.shadow_frames)
+            command = deploy_command(dev.device_id, mv, self._url, mode=r.mode, shadow_frames=frames,
                                      rollout_id=str(r.id), await_promotion=r.mode == "shadow_then_switch")
             dev.deploy_command_id, deployment_mode = command.command_id, r.mode
         elif kind == plan.PROMOTE:

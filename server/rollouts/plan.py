@@ -215,3 +215,23 @@ def settled(f: DeviceFacts) -> bool:
 
 def runs_candidate(f: DeviceFacts) -> bool:
     return device_state(f) == D_ACTIVE
+
+
+# ------------------------------------------------------------------ shadow window size
+
+# A device's frame rate when it has not reported one yet (the agent's heartbeat carries it).
+ASSUMED_FPS = 20.0
+
+
+def shadow_window_frames(base: int, wave_devices: int, fps: float | None, max_reports_per_second: float) -> int:
+    """Frames per shadow window to ask of one device of a wave: the rollout's own ``base``, or more
+    when the wave is so large that windows of ``base`` frames would send more than
+    ``max_reports_per_second`` shadow reports in all.
+
+    A device at ``fps`` frames a second sends ``fps / frames`` windows a second, so with
+    ``frames >= fps * n / max`` a wave of ``n`` devices sends at most ``max`` in all, whatever each
+    device's rate. The evidence is the same frames, in fewer and larger windows: the gates count
+    frames, not windows, so a device needs as long in shadow as before."""
+    rate = fps if fps is not None and math.isfinite(fps) and fps > 0 else ASSUMED_FPS
+    needed = math.ceil(rate * max(wave_devices, 1) / max_reports_per_second)
+    return max(base, min(needed, 1_000_000))

@@ -576,3 +576,15 @@ def test_the_running_wave_s_reports_are_read_before_the_lease_and_only_by_its_ho
     # The holder had the running wave's reports before it took the lease; the standby read nothing.
     assert at_acquire[0] == (holder.owner, set(wave.values()))
     assert at_acquire[1] == ("replica-standby", set())
+
+
+def test_a_wave_too_large_for_the_report_rate_is_asked_for_longer_windows(tmp_path):
+    sim = Sim(tmp_path, 5, max_shadow_reports_per_second=0.1)
+    with sim.sessions() as session:
+        session.get(Device, "cam-2").last_heartbeat = {"fps": 5.0}  # the others have not said: 20 fps assumed
+        session.commit()
+    rid = sim.create()
+    sim.run_until(rid, lambda v: v["state"] == "succeeded")
+    frames = {c.device_id: c.shadow_frames for c in sim.bus.of(DeployCommand)}
+    # canary: 1 device; half: 2 of 5; all: the other 2. At most 0.1 report/s per wave in all.
+    assert frames == {"cam-1": 200, "cam-2": 100, "cam-3": 400, "cam-4": 400, "cam-5": 400}
