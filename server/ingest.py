@@ -11,7 +11,7 @@ from typing import Protocol
 import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, lazyload, sessionmaker
 
 from protocol import ProtocolError, decode_message
 from protocol.messages import DriftReport, Heartbeat, SampleEvent, ShadowReport, StatusMessage, UpdateEvent
@@ -167,7 +167,9 @@ class IngestService:
 
     def _apply_device_events(self, session: Session, events: Sequence) -> None:
         ids = {m.device_id for m in events}
-        devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))}
+        # Status and update messages touch the device's own columns, never its groups and tags.
+        devices = {d.id: d for d in session.scalars(
+            select(Device).where(Device.id.in_(ids)).options(lazyload(Device.labels)))}
         commands = {m.update_id for m in events if isinstance(m, UpdateEvent)}
         deployments = {d.command_id: d for d in session.scalars(
             select(Deployment).where(Deployment.command_id.in_(commands)))} if commands else {}

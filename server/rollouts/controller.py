@@ -746,9 +746,11 @@ class _Step:
         due = {row.command_id: row for row in self.session.scalars(select(RolloutCommand).where(
             RolloutCommand.rollout_id == self.rollout.id, RolloutCommand.published_at.is_not(None),
             RolloutCommand.published_at <= self.now - timedelta(seconds=self.policy.resend_seconds),
-            RolloutCommand.sends < self.policy.max_sends))}
+            RolloutCommand.sends < self.policy.max_sends))
+            if plan.resend_due(row.sends, (self.now - row.published_at).total_seconds(), self.policy.resend_seconds)}
         if not due:
             return
+        resent: Counter = Counter()
         devices = {row.device_id for row in due.values()}
         online = dict(self.session.execute(select(Device.id, Device.online).where(
             Device.id.in_(devices))).all())
@@ -762,8 +764,11 @@ class _Step:
                 if row is None or not plan.worth_resending(kind, f):
                     continue
                 row.published_at = None
-                log.info("rollout.resend", rollout=self.rollout.id, device=dev.device_id, kind=kind,
-                         sends=row.sends)
+                resent[kind] += 1
+                log.debug("rollout.resend", rollout=self.rollout.id, device=dev.device_id, kind=kind,
+                          sends=row.sends)
+        if resent:
+            log.info("rollout.resends", rollout=self.rollout.id, **resent)
 
     def _settle(self) -> None:
         r = self.rollout

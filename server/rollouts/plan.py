@@ -187,6 +187,18 @@ def effect_seen(kind: str, f: DeviceFacts) -> bool:
     return f.rollback_state != ""
 
 
+# A command sent n times waits resend_seconds x 2^(n-1) before its next send, at most this many times
+# resend_seconds: when devices are slow to answer because the server is behind on their reports,
+# resends back off instead of piling onto the backlog they wait behind.
+MAX_RESEND_BACKOFF = 8
+
+
+def resend_due(sends: int, seconds_since_sent: float, resend_seconds: float) -> bool:
+    """Whether a command sent ``sends`` times, last ``seconds_since_sent`` ago, is due again."""
+    factor = min(2 ** max(sends - 1, 0), MAX_RESEND_BACKOFF)
+    return seconds_since_sent >= resend_seconds * factor
+
+
 def worth_resending(kind: str, f: DeviceFacts) -> bool:
     """A sent command the device has not acted on that the goal still calls for."""
     if effect_seen(kind, f):

@@ -588,3 +588,17 @@ def test_a_wave_too_large_for_the_report_rate_is_asked_for_longer_windows(tmp_pa
     frames = {c.device_id: c.shadow_frames for c in sim.bus.of(DeployCommand)}
     # canary: 1 device; half: 2 of 5; all: the other 2. At most 0.1 report/s per wave in all.
     assert frames == {"cam-1": 200, "cam-2": 100, "cam-3": 400, "cam-4": 400, "cam-5": 400}
+
+
+def test_a_device_that_does_not_answer_is_sent_its_command_again_less_and_less_often(tmp_path):
+    sim = Sim(tmp_path, {"cam-1": {"responsive": False}}, waves=[WaveSpec(name="all", percent=100)])
+    rid = sim.create()
+    sent_at = []
+    for _ in range(11):  # 55 s, inside the 60 s device timeout; resend_seconds is 10
+        before = len(sim.bus.of(DeployCommand))
+        sim.step()
+        if len(sim.bus.of(DeployCommand)) > before:
+            sent_at.append(sim.clock.now - STEP)
+    gaps = [(b - a).total_seconds() for a, b in zip(sent_at, sent_at[1:], strict=False)]
+    assert gaps == [10, 20]  # then 40 s: the third resend would come after the timeout
+    assert sim.view(rid)["waves"][0]["devices"][0]["failure"] is None

@@ -41,3 +41,11 @@ def test_a_simulated_wave_never_sends_more_than_the_rate_in_all(seed):
     fastest = max((fps or ASSUMED_FPS) for fps in rates)
     needed = math.ceil(fastest * devices / limit)
     assert max(windows) == max(base, needed)
+
+
+def test_resends_back_off_to_a_ceiling():
+    from server.rollouts.plan import MAX_RESEND_BACKOFF, resend_due
+
+    waits = [next(t for t in range(0, 10_000) if resend_due(n, t, 30.0)) for n in range(1, 8)]
+    assert waits == [30, 60, 120, 240, 240, 240, 240]
+    assert max(waits) == 30 * MAX_RESEND_BACKOFF
