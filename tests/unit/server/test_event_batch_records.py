@@ -7,16 +7,13 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import create_engine, func, select
-from sqlalchemy.orm import sessionmaker
+from rollout_db_kit import rollout_db
+from sqlalchemy import func, select
 
 from protocol.messages import ShadowReport, UpdateEvent
 from server.db.models import (
-    Base,
     Deployment,
     Device,
-    ModelVersion,
-    Rollout,
     RolloutDevice,
     RolloutShadowReport,
 )
@@ -28,17 +25,8 @@ T0 = datetime(2026, 3, 1, 6, 0, tzinfo=UTC)
 
 
 def _world(tmp_path):
-    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    Base.metadata.create_all(engine)
-    sessions = sessionmaker(engine, expire_on_commit=False)
+    sessions, rollout = rollout_db(tmp_path, production=True)
     with sessions() as session:
-        session.add_all([ModelVersion(version=1, name="d", status="production"),
-                         ModelVersion(version=2, name="d", status="candidate")])
-        session.flush()
-        rollout = Rollout(version=2, mode="shadow_then_switch", on_failure="pause", selector={}, gates={},
-                          shadow_frames=100, created_by="t")
-        session.add(rollout)
-        session.flush()
         for name in ("cam-a", "cam-b"):
             session.add(Device(id=name, active_version=1))
             session.add(Deployment(device_id=name, version=2, command_id=f"cmd-{name}", mode="shadow_then_switch"))

@@ -7,10 +7,9 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import create_engine
-from sqlalchemy.orm import sessionmaker
+from rollout_db_kit import rollout_db
 
-from server.db.models import Base, ModelVersion, Rollout, RolloutDevice, RolloutWave
+from server.db.models import Rollout, RolloutDevice, RolloutWave
 from server.rollouts import evidence
 from server.rollouts.api import rollout_dict
 from server.rollouts.evidence import LiveVerdict, LiveVerdicts
@@ -20,16 +19,8 @@ NOW = datetime(2026, 3, 1, 6, 0, tzinfo=UTC)
 
 
 def _world(tmp_path):
-    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    Base.metadata.create_all(engine)
-    sessions = sessionmaker(engine, expire_on_commit=False)
+    sessions, rollout = rollout_db(tmp_path, state="running", current_wave=1)
     with sessions() as session:
-        session.add(ModelVersion(version=2, name="d", status="candidate"))
-        session.flush()
-        rollout = Rollout(version=2, mode="shadow_then_switch", on_failure="pause", selector={}, gates={},
-                          shadow_frames=100, created_by="t", state="running", current_wave=1)
-        session.add(rollout)
-        session.flush()
         session.add_all([
             RolloutWave(rollout_id=rollout.id, position=0, name="canary", count=2, target=2, state="passed",
                         gate_results=[{"name": "install", "value": 0.0, "threshold": 0.1, "passed": True,

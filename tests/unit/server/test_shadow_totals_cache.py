@@ -8,30 +8,21 @@ import random
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import create_engine
-from sqlalchemy.orm import sessionmaker
+from rollout_db_kit import rollout_db
 
-from server.db.models import Base, ModelVersion, Rollout, RolloutDevice, RolloutShadowReport
+from server.db.models import RolloutDevice, RolloutShadowReport
 from server.rollouts import evidence
 from server.rollouts.evidence import ShadowTotalsCache, shadow_totals
 
 
 def _world(tmp_path, devices: int):
-    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    Base.metadata.create_all(engine)
-    sessions = sessionmaker(engine, expire_on_commit=False)
+    sessions, rollout = rollout_db(tmp_path)
     with sessions() as session:
-        session.add(ModelVersion(version=2, name="d", status="candidate"))
-        session.flush()
-        rollout = Rollout(version=2, mode="shadow_then_switch", on_failure="pause", selector={}, gates={},
-                          shadow_frames=100, created_by="t")
-        session.add(rollout)
-        session.flush()
         members = [RolloutDevice(rollout_id=rollout.id, device_id=f"cam-{i}", wave=0, goal="shadow",
                                  deploy_command_id=uuid.uuid4().hex) for i in range(devices)]
         session.add_all(members)
         session.commit()
-    return engine, sessions, rollout.id, members
+    return sessions, rollout.id, members
 
 
 def _report(rollout_id: int, dev: RolloutDevice, rng: random.Random, at: datetime) -> RolloutShadowReport:
@@ -47,7 +38,7 @@ def _report(rollout_id: int, dev: RolloutDevice, rng: random.Random, at: datetim
 
 
 def test_cached_totals_equal_a_full_read_and_reread_only_devices_that_reported(tmp_path, monkeypatch):
-    _, sessions, rid, members = _world(tmp_path, 30)
+    sessions, rid, members = _world(tmp_path, 30)
     rng, cache, t = random.Random(5), ShadowTotalsCache(), datetime(2026, 1, 1, tzinfo=UTC)
     read = []
     real = evidence._windows
@@ -88,7 +79,7 @@ def test_cached_totals_equal_a_full_read_and_reread_only_devices_that_reported(t
 
 
 def test_a_new_attempt_s_deploy_command_starts_from_nothing(tmp_path):
-    _, sessions, rid, members = _world(tmp_path, 2)
+    sessions, rid, members = _world(tmp_path, 2)
     cache, rng, t = ShadowTotalsCache(), random.Random(1), datetime(2026, 1, 1, tzinfo=UTC)
     with sessions() as session:
         session.add_all([_report(rid, members[0], rng, t), _report(rid, members[1], rng, t)])
@@ -102,7 +93,7 @@ def test_a_new_attempt_s_deploy_command_starts_from_nothing(tmp_path):
 def test_a_report_received_before_the_newest_one_read_is_still_counted(tmp_path):
     # Another replica's clock, or a transaction that committed late: its received_at is older than
     # what the cache already read, so reading "since the newest" would miss it.
-    _, sessions, rid, members = _world(tmp_path, 1)
+    sessions, rid, members = _world(tmp_path, 1)
     cache, rng, t = ShadowTotalsCache(), random.Random(3), datetime(2026, 1, 1, tzinfo=UTC)
     with sessions() as session:
         session.add_all([_report(rid, members[0], rng, t), _report(rid, members[0], rng, t + timedelta(seconds=10))])
@@ -117,7 +108,7 @@ def test_a_report_received_before_the_newest_one_read_is_still_counted(tmp_path)
 
 def test_many_devices_are_read_in_chunks_the_database_accepts(tmp_path):
     # SQLite and PostgreSQL cap the parameters of one statement; a 10,000-device wave is read in parts.
-    _, sessions, rid, members = _world(tmp_path, 1200)
+    sessions, rid, members = _world(tmp_path, 1200)
     cache, rng, t = ShadowTotalsCache(), random.Random(4), datetime(2026, 1, 1, tzinfo=UTC)
     with sessions() as session:
         session.add_all([_report(rid, dev, rng, t) for dev in members])
