@@ -752,16 +752,19 @@ class _Step:
             return
         resent: Counter = Counter()
         devices = {row.device_id for row in due.values()}
-        online = dict(self.session.execute(select(Device.id, Device.online).where(
-            Device.id.in_(devices))).all())
+        inventory = {row.id: row for row in self.session.execute(
+            select(Device.id, Device.online, Device.active_version, Device.candidate_version)
+            .where(Device.id.in_(devices)))}
         for dev in self.devices:
-            if dev.device_id not in devices or not online.get(dev.device_id):
+            seen = inventory.get(dev.device_id)
+            if dev.device_id not in devices or seen is None or not seen.online:
                 continue  # its broker session keeps what was sent; nothing to add while it is away
             f = facts(dev)
             for kind, command_id in ((plan.DEPLOY, dev.deploy_command_id), (plan.PROMOTE, dev.promote_command_id),
                                      (plan.ABORT, dev.abort_command_id), (plan.ROLLBACK, dev.rollback_command_id)):
                 row = due.get(command_id) if command_id else None
-                if row is None or not plan.worth_resending(kind, f):
+                if row is None or not plan.worth_resending(kind, f) or plan.heartbeat_shows_effect(
+                        kind, self.rollout.version, seen.active_version, seen.candidate_version):
                     continue
                 row.published_at = None
                 resent[kind] += 1

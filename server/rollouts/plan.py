@@ -199,6 +199,18 @@ def resend_due(sends: int, seconds_since_sent: float, resend_seconds: float) -> 
     return seconds_since_sent >= resend_seconds * factor
 
 
+def heartbeat_shows_effect(kind: str, version: int, active_version: int | None,
+                           candidate_version: int | None) -> bool:
+    """The device's latest heartbeat already shows what the command asked for (the candidate loaded
+    for a deploy, serving for a promote) though its update events have not been read yet: a server
+    behind on a large wave's events must not resend what devices have long carried out."""
+    if kind == DEPLOY:
+        return version in (active_version, candidate_version)
+    if kind == PROMOTE:
+        return active_version == version
+    return False
+
+
 def worth_resending(kind: str, f: DeviceFacts) -> bool:
     """A sent command the device has not acted on that the goal still calls for."""
     if effect_seen(kind, f):

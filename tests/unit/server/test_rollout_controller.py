@@ -602,3 +602,17 @@ def test_a_device_that_does_not_answer_is_sent_its_command_again_less_and_less_o
     gaps = [(b - a).total_seconds() for a, b in zip(sent_at, sent_at[1:], strict=False)]
     assert gaps == [10, 20]  # then 40 s: the third resend would come after the timeout
     assert sim.view(rid)["waves"][0]["devices"][0]["failure"] is None
+
+
+def test_a_deploy_the_device_s_heartbeat_shows_staged_is_not_sent_again(tmp_path):
+    # The device got the deploy and shadows, but the server has not read its update events yet (a
+    # large wave's backlog): its heartbeat already carries the candidate, so no resend adds to it.
+    sim = Sim(tmp_path, {"cam-1": {"responsive": False}}, waves=[WaveSpec(name="all", percent=100)])
+    sim.create()
+    sim.step()
+    with sim.sessions() as session:
+        session.get(Device, "cam-1").candidate_version = 2  # what write_heartbeats records
+        session.commit()
+    for _ in range(8):  # 40 s; resend_seconds is 10
+        sim.step()
+    assert len(sim.bus.of(DeployCommand)) == 1

@@ -1,6 +1,7 @@
-"""The shadow window size a wave asks of each device (server/rollouts/plan.py shadow_window_frames):
-the rollout's own for a small wave; for a large one, long enough that all the wave's reports
-together stay within the policy's rate, checked by simulating fleets of mixed frame rates."""
+"""What keeps a large wave from swamping the server (server/rollouts/plan.py): the shadow window
+size a wave asks of each device (the rollout's own for a small wave; for a large one, long enough
+that all the wave's reports together stay within the policy's rate, checked by simulating fleets
+of mixed frame rates), resends that back off, and no resend of what a device's heartbeat shows done."""
 
 from __future__ import annotations
 
@@ -49,3 +50,14 @@ def test_resends_back_off_to_a_ceiling():
     waits = [next(t for t in range(0, 10_000) if resend_due(n, t, 30.0)) for n in range(1, 8)]
     assert waits == [30, 60, 120, 240, 240, 240, 240]
     assert max(waits) == 30 * MAX_RESEND_BACKOFF
+
+
+def test_a_heartbeat_that_shows_the_command_carried_out_stops_its_resend():
+    from server.rollouts.plan import DEPLOY, PROMOTE, ROLLBACK, heartbeat_shows_effect
+
+    assert heartbeat_shows_effect(DEPLOY, 7, active_version=6, candidate_version=7)  # staged or shadowing
+    assert heartbeat_shows_effect(DEPLOY, 7, active_version=7, candidate_version=None)  # already switched
+    assert not heartbeat_shows_effect(DEPLOY, 7, active_version=6, candidate_version=None)
+    assert heartbeat_shows_effect(PROMOTE, 7, active_version=7, candidate_version=None)
+    assert not heartbeat_shows_effect(PROMOTE, 7, active_version=6, candidate_version=7)  # still shadowing
+    assert not heartbeat_shows_effect(ROLLBACK, 6, active_version=6, candidate_version=None)  # never for those
