@@ -277,10 +277,7 @@ class RolloutController:
         in a large wave's shadow phase) are then no longer read under that lock, where only the few
         that arrived in between are. Skipped while another replica holds the lease."""
         with self._sessions() as session:
-            ours = session.scalar(select(Rollout.id).where(
-                Rollout.id == rollout_id,
-                or_(Rollout.lease_owner == self.owner, Rollout.lease_owner == "",
-                    Rollout.lease_expires_at.is_(None), Rollout.lease_expires_at < now)))
+            ours = session.scalar(select(Rollout.id).where(Rollout.id == rollout_id, self._may_lease(now)))
             if ours is None:
                 return
             running = dict(session.execute(
@@ -292,6 +289,11 @@ class RolloutController:
             if running:
                 self.shadow_cache.totals(session, running)
 
+    def _may_lease(self, now: datetime):
+        """SQL: this replica holds the rollout's lease, or nobody does (free, or run out)."""
+        return or_(Rollout.lease_owner == self.owner, Rollout.lease_owner == "",
+                   Rollout.lease_expires_at.is_(None), Rollout.lease_expires_at < now)
+
     def _acquire(self, session: Session, rollout_id: int, now: datetime) -> bool:
         if session.get_bind().dialect.name == "postgresql":
             row = session.execute(select(Rollout.id).where(Rollout.id == rollout_id)
@@ -301,9 +303,7 @@ class RolloutController:
         # First statement of the transaction on SQLite: it takes the write lock before any read.
         result = session.execute(
             update(Rollout)
-            .where(Rollout.id == rollout_id,
-                   or_(Rollout.lease_owner == self.owner, Rollout.lease_owner == "",
-                       Rollout.lease_expires_at.is_(None), Rollout.lease_expires_at < now))
+            .where(Rollout.id == rollout_id, self._may_lease(now))
             .values(lease_owner=self.owner, lease_expires_at=now + timedelta(seconds=self.policy.lease_seconds))
             .execution_options(synchronize_session=False))
         if result.rowcount != 1:
